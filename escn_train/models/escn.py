@@ -1,0 +1,621 @@
+"""eSCN: Equivariant Spherical Channel Network (Passaro & Zitnick, ICML 2023).
+
+Computes what the published reference (fairchem-core 1.x ``escn_export``) computes, with its
+constructor arguments and parameter names, so reference weights load and give the same
+numbers (ESCN_MATH.md). ``forward`` takes a prepared graph and is exportable
+(``torch.export``, AOTInductor) and compilable; ``forward_trainable`` builds the periodic
+graph from a PyG batch first.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from e3nn import o3
+from torch import nn
+
+from escn_train.graph import edge_vectors, radius_graph_pbc
+from escn_train.models.so3 import SO3_Grid, CoefficientMapping, WignerCalculator, coefficient_idx
+from escn_train.models.smearing import make_distance_expansion
+
+#: Edges shorter than this (Å) have no direction: the frame and the physics break down.
+MIN_EDGE_LENGTH = 1e-4
+
+# Keys of the reference's derived constant buffers; rebuilt here from the configuration.
+_REFERENCE_CONSTANT_MARKERS = ("SO3_grid.", "mappingReduced.", "Jd_", "SO3_edge_rot.", ".mapping.")
+
+
+def _tracing() -> bool:
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting()
+
+
+def calc_sphere_points(num_points: int) -> torch.Tensor:
+    """Golden-spiral points on the sphere, each scaled by its inverse local density."""
+    golden_ratio = (1.0 + math.sqrt(5.0)) / 2.0
+    i = torch.arange(num_points, dtype=torch.float64).view(-1, 1)
+    theta = 2.0 * math.pi * i / golden_ratio
+    phi = torch.arccos(1.0 - 2.0 * (i + 0.5) / num_points)
+    points = torch.cat([torch.cos(theta) * torch.sin(phi), torch.sin(theta) * torch.sin(phi), torch.cos(phi)], dim=1)
+    sq_dist = (points.view(1, -1, 3) - points.view(-1, 1, 3)).pow(2).sum(dim=2)
+    density = torch.exp(-sq_dist / 0.15).sum(dim=1)
+    scale = 1.0 / density
+    scale = num_points * scale / scale.sum()
+    return (points * scale.view(-1, 1)).to(torch.get_default_dtype())
+
+
+def edge_frames(edge_distance_vec: torch.Tensor, random_frames: bool = False) -> torch.Tensor:
+    """Per-edge rotations with rows (ẑ', x̂, -ŷ') that map the edge direction onto +y.
+
+    The helper vector u that fixes the rotation about the edge is, by default, the
+    coordinate axis least aligned with the edge: a fixed function of the direction, never
+    parallel to it, so identical inputs give bitwise identical outputs. ``random_frames``
+    draws u at random as the reference does.
+    """
+    length = torch.sqrt(torch.sum(edge_distance_vec**2, dim=1, keepdim=True))
+    norm_x = edge_distance_vec / length
+    if random_frames:
+        u = torch.rand_like(edge_distance_vec) - 0.5
+        u = u / torch.sqrt(torch.sum(u**2, dim=1, keepdim=True))
+        u_b = torch.stack([-u[:, 1], u[:, 0], u[:, 2]], dim=1)
+        u_c = torch.stack([u[:, 0], -u[:, 2], u[:, 1]], dim=1)
+        dot = torch.abs(torch.sum(u * norm_x, dim=1, keepdim=True))
+        dot_b = torch.abs(torch.sum(u_b * norm_x, dim=1, keepdim=True))
+        u = torch.where(dot > dot_b, u_b, u)
+        dot = torch.abs(torch.sum(u * norm_x, dim=1, keepdim=True))
+        dot_c = torch.abs(torch.sum(u_c * norm_x, dim=1, keepdim=True))
+        u = torch.where(dot > dot_c, u_c, u)
+    else:
+        axis = torch.argmin(norm_x.abs(), dim=1)
+        u = torch.nn.functional.one_hot(axis, 3).to(norm_x.dtype)
+    norm_z = torch.cross(norm_x, u, dim=1)
+    norm_z = norm_z / torch.sqrt(torch.sum(norm_z**2, dim=1, keepdim=True))
+    norm_y = torch.cross(norm_x, norm_z, dim=1)
+    norm_y = norm_y / torch.sqrt(torch.sum(norm_y**2, dim=1, keepdim=True))
+    return torch.stack([norm_z, norm_x, -norm_y], dim=1).detach()
+
+
+class eSCN(nn.Module):  # noqa: N801 - the reference's public name
+    """Equivariant Spherical Channel Network.
+
+    Arguments and defaults are the reference's (see the API doc). Additions:
+    ``random_frames`` restores the reference's random per-edge frames (off by default,
+    so outputs are deterministic).
+
+    Calling the model runs ``forward_trainable(batch)`` unless ``export=True``, in which case
+    it runs ``forward(pos, batch_idx, natoms, atomic_numbers, edge_index, edge_distance,
+    edge_distance_vec)``. Both methods can always be called by name.
+    """
+
+    def __init__(
+        self,
+        max_neighbors: int = 300,
+        cutoff: float = 8.0,
+        max_num_elements: int = 100,
+        num_layers: int = 8,
+        lmax: int = 4,
+        mmax: int = 2,
+        sphere_channels: int = 128,
+        hidden_channels: int = 256,
+        edge_channels: int = 128,
+        num_sphere_samples: int = 128,
+        distance_function: str = "gaussian",
+        basis_width_scalar: float = 1.0,
+        distance_resolution: float = 0.02,
+        resolution: int | None = None,
+        compile: bool = False,
+        export: bool = False,
+        rescale_grid: bool = False,
+        random_frames: bool = False,
+    ) -> None:
+        super().__init__()
+        if not 0 <= mmax <= lmax:
+            raise ValueError(f"mmax must be between 0 and lmax, got lmax={lmax}, mmax={mmax}")
+        if lmax < 1:
+            raise ValueError(f"lmax must be at least 1, got {lmax}")
+        self.max_neighbors = max_neighbors
+        self.cutoff = cutoff
+        self.max_num_elements = max_num_elements
+        self.hidden_channels = hidden_channels
+        self.num_layers = num_layers
+        self.num_sphere_samples = num_sphere_samples
+        self.sphere_channels = sphere_channels
+        self.edge_channels = edge_channels
+        self.distance_resolution = distance_resolution
+        self.lmax = lmax
+        self.mmax = mmax
+        self.basis_width_scalar = basis_width_scalar
+        self.distance_function = distance_function
+        self.compile = compile
+        self.export = export
+        self.rescale_grid = rescale_grid
+        self.random_frames = random_frames
+        self.act = nn.SiLU()
+
+        self.sphere_embedding = nn.Embedding(max_num_elements, sphere_channels)
+        self.num_gaussians = int(cutoff / distance_resolution)
+        self.distance_expansion = make_distance_expansion(
+            distance_function, cutoff, self.num_gaussians, basis_width_scalar
+        )
+        self.SO3_grid = nn.ModuleDict(
+            {
+                "lmax_lmax": SO3_Grid(lmax, lmax, resolution=resolution, rescale=rescale_grid),
+                "lmax_mmax": SO3_Grid(lmax, mmax, resolution=resolution, rescale=rescale_grid),
+            }
+        )
+        self.wigner = WignerCalculator(lmax)
+        self.layer_blocks = nn.ModuleList(
+            [
+                LayerBlock(
+                    i,
+                    sphere_channels,
+                    hidden_channels,
+                    edge_channels,
+                    lmax,
+                    mmax,
+                    self.distance_expansion,
+                    max_num_elements,
+                    self.SO3_grid,
+                    self.act,
+                )
+                for i in range(num_layers)
+            ]
+        )
+        self.energy_block = EnergyBlock(sphere_channels, num_sphere_samples, self.act)
+        self.force_block = ForceBlock(sphere_channels, num_sphere_samples, self.act)
+
+        sphere_points = calc_sphere_points(num_sphere_samples)
+        self.sphere_points = nn.Parameter(sphere_points, requires_grad=False)
+        sphharm = o3.spherical_harmonics(list(range(lmax + 1)), sphere_points, normalize=False)
+        self.sphharm_weights = nn.Parameter(sphharm, requires_grad=False)
+        self.sph_feature_size = (lmax + 1) ** 2
+        self.register_load_state_dict_pre_hook(_accept_reference_layout)
+        self._compiled_forward: Any = None
+
+    # ----------------------------------------------------------------------------------
+    # Calling conventions
+    # ----------------------------------------------------------------------------------
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.export:
+            return super().__call__(*args, **kwargs)
+        return self.forward_trainable(*args, **kwargs)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_compiled_forward"] = None  # compiled callables neither pickle nor deepcopy
+        return state
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward_trainable(self, data: Any) -> dict[str, torch.Tensor]:
+        """Energies and forces of a PyG batch (``pos, cell, atomic_numbers, natoms, batch``,
+        optional ``pbc``). Uses the batch's ``edge_index`` and ``cell_offsets`` when both are
+        present, and builds the periodic radius graph otherwise."""
+        pos = data.pos
+        natoms = data.natoms.to(torch.long).view(-1)
+        cell = data.cell.view(-1, 3, 3).to(pos.dtype)
+        batch_idx = data.batch if getattr(data, "batch", None) is not None else torch.zeros(
+            pos.shape[0], dtype=torch.long, device=pos.device
+        )
+        atomic_numbers = data.atomic_numbers.to(torch.long)
+        if not _tracing():
+            _check_positions(pos)
+        if getattr(data, "edge_index", None) is not None and getattr(data, "cell_offsets", None) is not None:
+            edge_index = data.edge_index
+            edge_distance, edge_distance_vec = edge_vectors(pos, cell, batch_idx, edge_index, data.cell_offsets)
+        else:
+            graph = radius_graph_pbc(
+                pos, cell, natoms, self.cutoff, self.max_neighbors, getattr(data, "pbc", None)
+            )
+            edge_index, edge_distance, edge_distance_vec = graph.edge_index, graph.edge_distance, graph.edge_distance_vec
+        energy, forces = self.forward(
+            pos, batch_idx, natoms, atomic_numbers, edge_index, edge_distance, edge_distance_vec
+        )
+        return {"energy": energy, "forces": forces}
+
+    def forward(
+        self,
+        pos: torch.Tensor,
+        batch_idx: torch.Tensor,
+        natoms: torch.Tensor,
+        atomic_numbers: torch.Tensor,
+        edge_index: torch.Tensor,
+        edge_distance: torch.Tensor,
+        edge_distance_vec: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Energies [B] and forces [N, 3] of a batch with a prepared graph.
+
+        In eager mode the inputs are checked first (atomic numbers in range, finite
+        positions, no zero-length edge); those checks are skipped while tracing for
+        ``torch.export`` or ``torch.compile``.
+        """
+        if _tracing():
+            return self._forward_impl(
+                pos, batch_idx, natoms, atomic_numbers, edge_index, edge_distance, edge_distance_vec
+            )
+        self._check_inputs(pos, atomic_numbers, edge_index, edge_distance, edge_distance_vec)
+        impl = self._forward_impl
+        if self.compile:
+            if self._compiled_forward is None:
+                self._compiled_forward = torch.compile(self._forward_impl, dynamic=True)
+            impl = self._compiled_forward
+        return impl(pos, batch_idx, natoms, atomic_numbers, edge_index, edge_distance, edge_distance_vec)
+
+    def _forward_impl(
+        self,
+        pos: torch.Tensor,
+        batch_idx: torch.Tensor,
+        natoms: torch.Tensor,
+        atomic_numbers: torch.Tensor,
+        edge_index: torch.Tensor,
+        edge_distance: torch.Tensor,
+        edge_distance_vec: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        edge_rot_mat = edge_frames(edge_distance_vec, self.random_frames)
+        return self.forward_with_frames(
+            batch_idx, natoms, atomic_numbers, edge_index, edge_distance, edge_rot_mat
+        )
+
+    def forward_with_frames(
+        self,
+        batch_idx: torch.Tensor,
+        natoms: torch.Tensor,
+        atomic_numbers: torch.Tensor,
+        edge_index: torch.Tensor,
+        edge_distance: torch.Tensor,
+        edge_rot_mat: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The network given explicit per-edge frames (for example the reference's)."""
+        atomic_numbers = atomic_numbers.to(torch.long)
+        wigner = self.wigner(edge_rot_mat)
+        num_atoms = atomic_numbers.shape[0]
+        x = torch.zeros(
+            num_atoms,
+            self.sph_feature_size,
+            self.sphere_channels,
+            dtype=self.sphere_embedding.weight.dtype,
+            device=atomic_numbers.device,
+        )
+        x[:, 0, :] = self.sphere_embedding(atomic_numbers)
+        for i, layer in enumerate(self.layer_blocks):
+            update = layer(x, atomic_numbers, edge_distance, edge_index, wigner)
+            x = update if i == 0 else x + update
+
+        x_pt = torch.einsum("abc,pb->apc", x, self.sphharm_weights)
+        node_energy = self.energy_block(x_pt)
+        energy = torch.zeros(natoms.shape[0], dtype=node_energy.dtype, device=node_energy.device)
+        energy = energy.index_add(0, batch_idx, node_energy) * 0.001
+        forces = self.force_block(x_pt, self.sphere_points)
+        return energy, forces
+
+    # ----------------------------------------------------------------------------------
+    # Input validation (eager only)
+    # ----------------------------------------------------------------------------------
+
+    def _check_inputs(
+        self,
+        pos: torch.Tensor,
+        atomic_numbers: torch.Tensor,
+        edge_index: torch.Tensor,
+        edge_distance: torch.Tensor,
+        edge_distance_vec: torch.Tensor,
+    ) -> None:
+        _check_positions(pos)
+        bad = (atomic_numbers < 0) | (atomic_numbers >= self.max_num_elements)
+        if bool(bad.any()):
+            atom = int(bad.nonzero()[0, 0])
+            raise ValueError(
+                f"atom {atom} has atomic number {int(atomic_numbers[atom])}, outside the model's "
+                f"range 0..{self.max_num_elements - 1} (max_num_elements={self.max_num_elements})"
+            )
+        length = torch.linalg.vector_norm(edge_distance_vec, dim=-1)
+        bad = ~torch.isfinite(length) | (length < MIN_EDGE_LENGTH) | ~torch.isfinite(edge_distance)
+        if bool(bad.any()):
+            edge = int(bad.nonzero()[0, 0])
+            raise ValueError(
+                f"edge {edge} (source atom {int(edge_index[0, edge])} -> target atom "
+                f"{int(edge_index[1, edge])}) has length {float(length[edge]):.3g} Å; edges must be "
+                f"finite and at least {MIN_EDGE_LENGTH} Å long (overlapping atoms?)"
+            )
+
+
+def _check_positions(pos: torch.Tensor) -> None:
+    bad = ~torch.isfinite(pos).all(dim=-1)
+    if bool(bad.any()):
+        atom = int(bad.nonzero()[0, 0])
+        raise ValueError(f"atom {atom} has a non-finite position {pos[atom].tolist()}")
+
+
+def _accept_reference_layout(
+    module: nn.Module, state_dict: dict[str, torch.Tensor], prefix: str, *args: Any, **kwargs: Any
+) -> None:
+    """Let reference checkpoints load: drop their derived constants, rename ``sphharm_weights.0``."""
+    for key in list(state_dict):
+        if not key.startswith(prefix):
+            continue
+        local = key[len(prefix) :]
+        if local == "sphharm_weights.0":
+            state_dict[prefix + "sphharm_weights"] = state_dict.pop(key)
+        elif any(marker in local for marker in _REFERENCE_CONSTANT_MARKERS) or local.startswith("Jd_"):
+            del state_dict[key]
+
+
+# ---------------------------------------------------------------------------------------
+# Blocks
+# ---------------------------------------------------------------------------------------
+
+
+def _rotation_blocks(lmax: int, mmax: int) -> list[tuple[slice, slice, slice]]:
+    """For each degree l: its full-layout slice, the rows kept (|m| <= mmax) within that
+    block, and the slice those rows occupy in the reduced layout."""
+    blocks = []
+    reduced_start = 0
+    for l in range(lmax + 1):
+        m = min(l, mmax)
+        rows = slice(l - m, l + m + 1)
+        blocks.append((slice(l * l, (l + 1) ** 2), rows, slice(reduced_start, reduced_start + 2 * m + 1)))
+        reduced_start += 2 * m + 1
+    return blocks
+
+
+class LayerBlock(nn.Module):
+    """One message-passing layer: messages, then a pointwise MLP on the S2 grid."""
+
+    def __init__(
+        self,
+        layer_idx: int,
+        sphere_channels: int,
+        hidden_channels: int,
+        edge_channels: int,
+        lmax: int,
+        mmax: int,
+        distance_expansion: nn.Module,
+        max_num_elements: int,
+        SO3_grid: nn.ModuleDict,  # noqa: N803 - the reference's argument name
+        act: nn.Module,
+    ) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.act = act
+        self.lmax = lmax
+        self.mmax = mmax
+        self.sphere_channels = sphere_channels
+        self.SO3_grid = SO3_grid
+        self.message_block = MessageBlock(
+            layer_idx,
+            sphere_channels,
+            hidden_channels,
+            edge_channels,
+            lmax,
+            mmax,
+            distance_expansion,
+            max_num_elements,
+            SO3_grid,
+            act,
+        )
+        self.fc1_sphere = nn.Linear(2 * sphere_channels, sphere_channels, bias=False)
+        self.fc2_sphere = nn.Linear(sphere_channels, sphere_channels, bias=False)
+        self.fc3_sphere = nn.Linear(sphere_channels, sphere_channels, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        atomic_numbers: torch.Tensor,
+        edge_distance: torch.Tensor,
+        edge_index: torch.Tensor,
+        wigner: torch.Tensor,
+    ) -> torch.Tensor:
+        x_message = self.message_block(x, atomic_numbers, edge_distance, edge_index, wigner)
+        grid = self.SO3_grid["lmax_lmax"]
+        x_grid = torch.cat([grid.to_grid_flat(x), grid.to_grid_flat(x_message)], dim=-1)
+        x_grid = self.act(self.fc1_sphere(x_grid))
+        x_grid = self.act(self.fc2_sphere(x_grid))
+        x_grid = self.fc3_sphere(x_grid)
+        return grid.from_grid_flat(x_grid)
+
+
+class MessageBlock(nn.Module):
+    """Messages along every edge: rotate into the edge frame, SO(2) convolutions of source
+    and target, a pointwise nonlinearity on the S2 grid, rotate back, sum into targets."""
+
+    def __init__(
+        self,
+        layer_idx: int,
+        sphere_channels: int,
+        hidden_channels: int,
+        edge_channels: int,
+        lmax: int,
+        mmax: int,
+        distance_expansion: nn.Module,
+        max_num_elements: int,
+        SO3_grid: nn.ModuleDict,  # noqa: N803
+        act: nn.Module,
+    ) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.act = act
+        self.hidden_channels = hidden_channels
+        self.sphere_channels = sphere_channels
+        self.SO3_grid = SO3_grid
+        self.lmax = lmax
+        self.mmax = mmax
+        self.edge_channels = edge_channels
+        self.register_buffer("out_mask", coefficient_idx(lmax, mmax), persistent=False)
+        self._blocks = _rotation_blocks(lmax, mmax)
+        self.edge_block = EdgeBlock(edge_channels, distance_expansion, max_num_elements, act)
+        self.so2_block_source = SO2Block(sphere_channels, hidden_channels, edge_channels, lmax, mmax, act)
+        self.so2_block_target = SO2Block(sphere_channels, hidden_channels, edge_channels, lmax, mmax, act)
+
+    def _rotate(self, wigner: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """wigner[:, out_mask, :] @ x, one degree at a time (the off-diagonal blocks are zero)."""
+        parts = [
+            torch.bmm(wigner[:, full, full][:, rows], x[:, full]) for full, rows, _ in self._blocks
+        ]
+        return torch.cat(parts, dim=1)
+
+    def _rotate_back(self, wigner: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """wigner^T[:, :, out_mask] @ y, one degree at a time."""
+        parts = [
+            torch.bmm(wigner[:, full, full][:, rows].transpose(1, 2), y[:, reduced])
+            for full, rows, reduced in self._blocks
+        ]
+        return torch.cat(parts, dim=1)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        atomic_numbers: torch.Tensor,
+        edge_distance: torch.Tensor,
+        edge_index: torch.Tensor,
+        wigner: torch.Tensor,
+    ) -> torch.Tensor:
+        source, target = edge_index[0], edge_index[1]
+        x_edge = self.edge_block(edge_distance, atomic_numbers[source], atomic_numbers[target])
+        x_source = self._rotate(wigner, x[source])
+        x_target = self._rotate(wigner, x[target])
+        y = self.so2_block_source(x_source, x_edge) + self.so2_block_target(x_target, x_edge)
+        grid = self.SO3_grid["lmax_mmax"]
+        y = grid.from_grid_flat(self.act(grid.to_grid_flat(y)))
+        y = self._rotate_back(wigner, y)
+        out = torch.zeros(x.shape[0], y.shape[1], y.shape[2], dtype=y.dtype, device=y.device)
+        return out.index_add(0, target, y)
+
+
+class SO2Block(nn.Module):
+    """SO(2) convolutions of every order m of edge-aligned coefficients."""
+
+    def __init__(
+        self,
+        sphere_channels: int,
+        hidden_channels: int,
+        edge_channels: int,
+        lmax: int,
+        mmax: int,
+        act: nn.Module,
+    ) -> None:
+        super().__init__()
+        self.sphere_channels = sphere_channels
+        self.hidden_channels = hidden_channels
+        self.lmax = lmax
+        self.mmax = mmax
+        self.act = act
+        self.mappingReduced = CoefficientMapping([lmax], [mmax])
+        num_channels_m0 = (lmax + 1) * sphere_channels
+        self.fc1_dist0 = nn.Linear(edge_channels, hidden_channels)
+        self.fc1_m0 = nn.Linear(num_channels_m0, hidden_channels, bias=False)
+        self.fc2_m0 = nn.Linear(hidden_channels, num_channels_m0, bias=False)
+        self.so2_conv = nn.ModuleList(
+            [SO2Conv(m, sphere_channels, hidden_channels, edge_channels, lmax, mmax, act) for m in range(1, mmax + 1)]
+        )
+
+    def forward(self, x: torch.Tensor, x_edge: torch.Tensor) -> torch.Tensor:
+        """[E, reduced, C] in the reduced l-major layout -> the same shape."""
+        num_edges = x.shape[0]
+        m_size = self.mappingReduced.m_size
+        x = x.index_select(1, self.mappingReduced.to_m_index)
+        x_0 = x[:, : m_size[0]].reshape(num_edges, -1)
+        x_0 = self.fc1_m0(x_0) * self.act(self.fc1_dist0(x_edge))
+        parts = [self.fc2_m0(x_0).view(num_edges, -1, self.sphere_channels)]
+        offset = m_size[0]
+        for m, conv in enumerate(self.so2_conv, start=1):
+            width = 2 * m_size[m]
+            x_m = x[:, offset : offset + width].reshape(num_edges, 2, -1)
+            parts.append(conv(x_m, x_edge).view(num_edges, -1, self.sphere_channels))
+            offset += width
+        out = torch.cat(parts, dim=1)
+        return out.index_select(1, self.mappingReduced.from_m_index)
+
+
+class SO2Conv(nn.Module):
+    """SO(2) convolution of order m > 0: a complex-valued linear map gated by the edge."""
+
+    def __init__(
+        self,
+        m: int,
+        sphere_channels: int,
+        hidden_channels: int,
+        edge_channels: int,
+        lmax: int,
+        mmax: int,
+        act: nn.Module,
+    ) -> None:
+        super().__init__()
+        self.hidden_channels = hidden_channels
+        self.lmax = lmax
+        self.mmax = mmax
+        self.sphere_channels = sphere_channels
+        self.m = m
+        self.act = act
+        num_channels = (lmax - m + 1) * sphere_channels
+        self.fc1_dist = nn.Linear(edge_channels, 2 * hidden_channels)
+        self.fc1_r = nn.Linear(num_channels, hidden_channels, bias=False)
+        self.fc2_r = nn.Linear(hidden_channels, num_channels, bias=False)
+        self.fc1_i = nn.Linear(num_channels, hidden_channels, bias=False)
+        self.fc2_i = nn.Linear(hidden_channels, num_channels, bias=False)
+
+    def forward(self, x_m: torch.Tensor, x_edge: torch.Tensor) -> torch.Tensor:
+        """[E, 2, K] (+m row, -m row) -> [E, 2, K]."""
+        gate = self.act(self.fc1_dist(x_edge)).view(-1, 2, self.hidden_channels)
+        x_r = self.fc2_r(self.fc1_r(x_m) * gate[:, 0:1, :])
+        x_i = self.fc2_i(self.fc1_i(x_m) * gate[:, 1:2, :])
+        return torch.stack([x_r[:, 0] - x_i[:, 1], x_r[:, 1] + x_i[:, 0]], dim=1)
+
+
+class EdgeBlock(nn.Module):
+    """Invariant edge features from the distance and both atoms' elements."""
+
+    def __init__(self, edge_channels: int, distance_expansion: nn.Module, max_num_elements: int, act: nn.Module) -> None:
+        super().__init__()
+        self.in_channels = distance_expansion.num_output
+        self.distance_expansion = distance_expansion
+        self.act = act
+        self.edge_channels = edge_channels
+        self.max_num_elements = max_num_elements
+        self.fc1_dist = nn.Linear(self.in_channels, edge_channels)
+        self.source_embedding = nn.Embedding(max_num_elements, edge_channels)
+        self.target_embedding = nn.Embedding(max_num_elements, edge_channels)
+        self.fc1_edge_attr = nn.Linear(edge_channels, edge_channels)
+
+    def forward(
+        self, edge_distance: torch.Tensor, source_element: torch.Tensor, target_element: torch.Tensor
+    ) -> torch.Tensor:
+        x_dist = self.fc1_dist(self.distance_expansion(edge_distance))
+        x_edge = self.act(self.source_embedding(source_element) + self.target_embedding(target_element) + x_dist)
+        return self.act(self.fc1_edge_attr(x_edge))
+
+
+class _SphereReadout(nn.Module):
+    """An MLP applied at every sample point on the sphere."""
+
+    def __init__(self, num_channels: int, num_sphere_samples: int, act: nn.Module) -> None:
+        super().__init__()
+        self.num_channels = num_channels
+        self.num_sphere_samples = num_sphere_samples
+        self.act = act
+        self.fc1 = nn.Linear(num_channels, num_channels)
+        self.fc2 = nn.Linear(num_channels, num_channels)
+        self.fc3 = nn.Linear(num_channels, 1, bias=False)
+
+    def _per_point(self, x_pt: torch.Tensor) -> torch.Tensor:
+        """[N, P, C] or [N * P, C] -> [N, P, 1]."""
+        x_pt = x_pt.reshape(-1, self.num_sphere_samples, self.num_channels)
+        return self.fc3(self.act(self.fc2(self.act(self.fc1(x_pt)))))
+
+
+class EnergyBlock(_SphereReadout):
+    """Per-atom energy: the readout averaged over the sphere samples."""
+
+    def forward(self, x_pt: torch.Tensor) -> torch.Tensor:
+        return self._per_point(x_pt).sum(dim=1).view(-1) / self.num_sphere_samples
+
+
+class ForceBlock(_SphereReadout):
+    """Per-atom force: the sample points weighted by the readout, averaged."""
+
+    def forward(self, x_pt: torch.Tensor, sphere_points: torch.Tensor) -> torch.Tensor:
+        weighted = self._per_point(x_pt) * sphere_points.view(1, self.num_sphere_samples, 3)
+        return weighted.sum(dim=1) / self.num_sphere_samples

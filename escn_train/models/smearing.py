@@ -1,0 +1,99 @@
+"""Radial bases that expand an edge length into ``num_output`` features (ESCN_MATH section 3)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class _FixedBasis(nn.Module):
+    """Basis functions centred on ``num`` evenly spaced offsets between start and stop."""
+
+    def __init__(self, start: float, stop: float, num: int, basis_width_scalar: float) -> None:
+        super().__init__()
+        self.num_output = num
+        offset = torch.linspace(start, stop, num)
+        self.spacing = float(offset[1] - offset[0])
+        self.basis_width_scalar = basis_width_scalar
+        # Persistent under this name so reference checkpoints load without remapping.
+        self.register_buffer("offset", offset)
+
+    def _shifted(self, dist: torch.Tensor) -> torch.Tensor:
+        return dist.view(-1, 1) - self.offset.view(1, -1)
+
+
+class GaussianSmearing(_FixedBasis):
+    """exp(-0.5 / (w δ)^2 · (d - μ)^2)."""
+
+    def __init__(
+        self, start: float = -5.0, stop: float = 5.0, num_gaussians: int = 50, basis_width_scalar: float = 1.0
+    ) -> None:
+        super().__init__(start, stop, num_gaussians, basis_width_scalar)
+        self.coeff = -0.5 / (basis_width_scalar * self.spacing) ** 2
+
+    def forward(self, dist: torch.Tensor) -> torch.Tensor:
+        shifted = self._shifted(dist)
+        return torch.exp(self.coeff * shifted * shifted)
+
+
+class SigmoidSmearing(_FixedBasis):
+    """sigmoid((w / δ) · (d - μ))."""
+
+    def __init__(
+        self, start: float = -5.0, stop: float = 5.0, num_sigmoid: int = 50, basis_width_scalar: float = 1.0
+    ) -> None:
+        super().__init__(start, stop, num_sigmoid, basis_width_scalar)
+        self.coeff = basis_width_scalar / self.spacing
+
+    def forward(self, dist: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.coeff * self._shifted(dist))
+
+
+class LinearSigmoidSmearing(_FixedBasis):
+    """sigmoid(t) + 0.001 · t with t = (w / δ) · (d - μ): a sigmoid that never saturates."""
+
+    def __init__(
+        self, start: float = -5.0, stop: float = 5.0, num_sigmoid: int = 50, basis_width_scalar: float = 1.0
+    ) -> None:
+        super().__init__(start, stop, num_sigmoid, basis_width_scalar)
+        self.coeff = basis_width_scalar / self.spacing
+
+    def forward(self, dist: torch.Tensor) -> torch.Tensor:
+        t = self.coeff * self._shifted(dist)
+        return torch.sigmoid(t) + 0.001 * t
+
+
+class SiLUSmearing(nn.Module):
+    """A learnable basis: SiLU(Linear(2, num)([d, 1]))."""
+
+    def __init__(
+        self, start: float = -5.0, stop: float = 5.0, num_output: int = 50, basis_width_scalar: float = 1.0
+    ) -> None:
+        super().__init__()
+        self.num_output = num_output
+        self.fc1 = nn.Linear(2, num_output)
+        self.act = nn.SiLU()
+
+    def forward(self, dist: torch.Tensor) -> torch.Tensor:
+        dist = dist.view(-1, 1)
+        features = torch.cat([dist, torch.ones_like(dist)], dim=1)
+        return self.act(self.fc1(features))
+
+
+DISTANCE_FUNCTIONS: dict[str, type[nn.Module]] = {
+    "gaussian": GaussianSmearing,
+    "sigmoid": SigmoidSmearing,
+    "linearsigmoid": LinearSigmoidSmearing,
+    "silu": SiLUSmearing,
+}
+
+
+def make_distance_expansion(
+    distance_function: str, cutoff: float, num_basis: int, basis_width_scalar: float
+) -> nn.Module:
+    """The expansion named ``distance_function`` over [0, cutoff]."""
+    if distance_function not in DISTANCE_FUNCTIONS:
+        raise ValueError(
+            f"distance_function={distance_function!r} is not one of {sorted(DISTANCE_FUNCTIONS)}"
+        )
+    return DISTANCE_FUNCTIONS[distance_function](0.0, cutoff, num_basis, basis_width_scalar)
