@@ -243,6 +243,12 @@ class eSCN(nn.Module):  # noqa: N801 - the reference's public name
             if self._compiled_forward is None:
                 self._compiled_forward = torch.compile(self._forward_impl, dynamic=True)
             impl = self._compiled_forward
+            # A batch of one structure is the common inference case: keep that dimension
+            # symbolic so size 1 neither specialises nor recompiles (a view would be guarded
+            # through its base, so mark a tensor of its own).
+            if natoms._base is not None:
+                natoms = natoms.clone()
+            torch._dynamo.decorators.mark_unbacked(natoms, 0)
         return impl(pos, batch_idx, natoms, atomic_numbers, edge_index, edge_distance, edge_distance_vec)
 
     def _forward_impl(
