@@ -9,6 +9,7 @@ graph from a PyG batch first.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -29,6 +30,18 @@ _REFERENCE_CONSTANT_MARKERS = ("SO3_grid.", "mappingReduced.", "Jd_", "SO3_edge_
 
 def _tracing() -> bool:
     return torch.compiler.is_compiling() or torch.compiler.is_exporting()
+
+
+def _float32_region(x: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Autocast off while it is on: Wigner rotations and grid projections lose equivariance
+    and accuracy in bf16/fp16, so mixed-precision runs keep them in float32."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.autocast(x.device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _float32(x: torch.Tensor) -> torch.Tensor:
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def calc_sphere_points(num_points: int) -> torch.Tensor:
@@ -291,11 +304,13 @@ class eSCN(nn.Module):  # noqa: N801 - the reference's public name
             update = layer(x, atomic_numbers, edge_distance, edge_index, wigner)
             x = update if i == 0 else x + update
 
-        x_pt = torch.einsum("abc,pb->apc", x, self.sphharm_weights)
-        node_energy = self.energy_block(x_pt)
-        energy = torch.zeros(natoms.shape[0], dtype=node_energy.dtype, device=node_energy.device)
-        energy = energy.index_add(0, batch_idx, node_energy) * 0.001
-        forces = self.force_block(x_pt, self.sphere_points)
+        # The readout averages over sphere points with heavy cancellation: float32 always.
+        with _float32_region(x):
+            x_pt = torch.einsum("abc,pb->apc", _float32(x), self.sphharm_weights)
+            node_energy = self.energy_block(x_pt)
+            energy = torch.zeros(natoms.shape[0], dtype=node_energy.dtype, device=node_energy.device)
+            energy = energy.index_add(0, batch_idx, node_energy) * 0.001
+            forces = self.force_block(x_pt, self.sphere_points)
         return energy, forces
 
     # ----------------------------------------------------------------------------------
@@ -417,11 +432,13 @@ class LayerBlock(nn.Module):
     ) -> torch.Tensor:
         x_message = self.message_block(x, atomic_numbers, edge_distance, edge_index, wigner)
         grid = self.SO3_grid["lmax_lmax"]
-        x_grid = torch.cat([grid.to_grid_flat(x), grid.to_grid_flat(x_message)], dim=-1)
+        with _float32_region(x):
+            x_grid = torch.cat([grid.to_grid_flat(_float32(x)), grid.to_grid_flat(_float32(x_message))], dim=-1)
         x_grid = self.act(self.fc1_sphere(x_grid))
         x_grid = self.act(self.fc2_sphere(x_grid))
         x_grid = self.fc3_sphere(x_grid)
-        return grid.from_grid_flat(x_grid)
+        with _float32_region(x_grid):
+            return grid.from_grid_flat(_float32(x_grid))
 
 
 class MessageBlock(nn.Module):
@@ -481,12 +498,15 @@ class MessageBlock(nn.Module):
     ) -> torch.Tensor:
         source, target = edge_index[0], edge_index[1]
         x_edge = self.edge_block(edge_distance, atomic_numbers[source], atomic_numbers[target])
-        x_source = self._rotate(wigner, x[source])
-        x_target = self._rotate(wigner, x[target])
+        with _float32_region(x):
+            x_source = self._rotate(wigner, _float32(x[source]))
+            x_target = self._rotate(wigner, _float32(x[target]))
         y = self.so2_block_source(x_source, x_edge) + self.so2_block_target(x_target, x_edge)
         grid = self.SO3_grid["lmax_mmax"]
-        y = grid.from_grid_flat(self.act(grid.to_grid_flat(y)))
-        y = self._rotate_back(wigner, y)
+        with _float32_region(y):
+            y = _float32(y)
+            y = grid.from_grid_flat(self.act(grid.to_grid_flat(y)))
+            y = self._rotate_back(wigner, y)
         out = torch.zeros(x.shape[0], y.shape[1], y.shape[2], dtype=y.dtype, device=y.device)
         return out.index_add(0, target, y)
 
