@@ -149,7 +149,7 @@ def select_subset(total: int, subset: Subset, seed: int | None, source: str) -> 
         indices = _read_index_file(Path(subset).expanduser())
         where = f"index file {subset}"
     else:
-        indices = np.asarray(subset, dtype=np.int64).reshape(-1)
+        indices = np.asarray(list(subset), dtype=np.int64).reshape(-1)
         where = "subset indices"
     bad = indices[(indices < 0) | (indices >= total)]
     if bad.size:
@@ -235,7 +235,7 @@ class LmdbDataset(torch.utils.data.Dataset):
     def _env(self, shard: int) -> lmdb.Environment:
         return open_lmdb(self.paths[shard])
 
-    def _decode(self, raw: bytes | None, shard: int, key: bytes) -> Data:
+    def _decode(self, raw: bytes | None, shard: int, key: bytes, transform: bool = True) -> Data:
         source = f"{self.paths[shard]}, key {key!r}"
         if raw is None:
             raise KeyError(f"{source}: entry is missing (the file's 'length' says it should exist)")
@@ -246,7 +246,9 @@ class LmdbDataset(torch.utils.data.Dataset):
             if bad:
                 self._warn_inconsistent_edges(shard, source, bad, data.edge_index.shape[1], worst)
                 strip_edges(data)
-        return self.transform(data) if self.transform is not None else data
+        if transform and self.transform is not None:
+            data = self.transform(data)
+        return data
 
     def __getitem__(self, index: int) -> Data:
         shard, key = self._locate(int(index))
@@ -254,8 +256,11 @@ class LmdbDataset(torch.utils.data.Dataset):
             raw = txn.get(key)
         return self._decode(raw, shard, key)
 
-    def __getitems__(self, indices: Sequence[int]) -> list[Data]:
-        """Read several entries, one read transaction per shard (used by DataLoader batches)."""
+    def get_many(self, indices: Sequence[int], transform: bool = True) -> list[Data]:
+        """Read several entries with one read transaction per shard.
+
+        ``transform=False`` skips the dataset's transform (for scans such as statistics).
+        """
         located = [self._locate(int(i)) for i in indices]
         raws: list[bytes | None] = [None] * len(located)
         for shard in sorted({s for s, _ in located}):
@@ -263,7 +268,11 @@ class LmdbDataset(torch.utils.data.Dataset):
                 for pos, (s, key) in enumerate(located):
                     if s == shard:
                         raws[pos] = txn.get(key)
-        return [self._decode(raw, s, key) for raw, (s, key) in zip(raws, located)]
+        return [self._decode(raw, s, key, transform) for raw, (s, key) in zip(raws, located)]
+
+    def __getitems__(self, indices: Sequence[int]) -> list[Data]:
+        """Batched read used by ``DataLoader`` (one call per batch instead of one per sample)."""
+        return self.get_many(indices)
 
     def _warn_inconsistent_edges(self, shard: int, source: str, bad: int, total: int, worst: float) -> None:
         if shard in self._warned_shards:

@@ -1,0 +1,39 @@
+"""Collate structures into one ``torch_geometric.data.Batch``.
+
+A batch carries a graph only when every structure in it has one (``edge_index`` and
+``cell_offsets``); otherwise the edge fields are removed from all of them and the model
+builds the graph for the whole batch. Any other difference in fields between structures
+is an error naming the fields, because PyG would otherwise collate them silently wrong.
+
+Resulting shapes: ``pos [N, 3]``, ``cell [B, 3, 3]``, ``atomic_numbers [N]`` (long),
+``natoms [B]`` (long), ``batch [N]``, ``energy [B]``, ``forces [N, 3]``, ``tags``/``fixed``
+``[N]``, ``sid``/``fid`` ``[B]``, ``pbc [B, 3]`` (bool, when stored), ``edge_index [2, E]``
+(offset per structure) and ``cell_offsets [E, 3]`` when present.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch_geometric.data import Batch, Data
+
+from escn_train.data.graph_selection import has_edges, strip_edges
+
+
+def collate_structures(data_list: Sequence[Data]) -> Batch:
+    """Batch normalised structures (see the module docstring)."""
+    if not data_list:
+        raise ValueError("cannot collate an empty list of structures")
+    if not all(has_edges(d) for d in data_list):
+        for data in data_list:
+            strip_edges(data)
+    keys = set(data_list[0].keys())
+    for data in data_list[1:]:
+        other = set(data.keys())
+        if other != keys:
+            raise ValueError(
+                "structures in one batch carry different fields: "
+                f"sid={data_list[0].get('sid')} has {sorted(keys - other)} that sid={data.get('sid')} lacks, "
+                f"which has {sorted(other - keys)} that the first lacks"
+            )
+    return Batch.from_data_list(list(data_list))

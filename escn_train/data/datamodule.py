@@ -1,0 +1,194 @@
+"""LightningDataModule over OC20-style LMDB splits.
+
+Plain constructor arguments (Hydra can instantiate it directly). Each split is ``None``, a
+path, or a dict ``{"src": path, "subset": ..., "subset_seed": ..., "key_mapping": ...}``
+(``subset`` as in :class:`~escn_train.data.LmdbDataset`; a split's ``key_mapping``
+overrides the module-wide one).
+
+Batches are ``torch_geometric.data.Batch`` objects built by
+:func:`~escn_train.data.collate.collate_structures`; batch composition comes from
+:class:`~escn_train.data.samplers.AtomBalancedBatchSampler` (seeded shuffling, optional
+packing by atom count, atom-balanced sharding across ranks). With several ranks the
+Trainer must be created with ``use_distributed_sampler=False``, since the sharding is done
+here.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any, Union
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from escn_train.data.collate import collate_structures
+from escn_train.data.graph_selection import GraphSelection
+from escn_train.data.lmdb_dataset import LmdbDataset
+from escn_train.data.samplers import AtomBalancedBatchSampler
+from escn_train.data.statistics import dataset_natoms, load_or_compute_statistics
+
+#: A split: a path, or ``{"src": path, "subset": ..., "subset_seed": ..., "key_mapping": ...}``.
+SplitSpec = Union[str, os.PathLike, Mapping[str, Any], None]
+_SPLIT_KEYS = {"src", "subset", "subset_seed", "key_mapping"}
+_STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # workers share the CPU with training; one thread each
+
+
+class LmdbDataModule(L.LightningDataModule):
+    """Train/val/test/predict LMDB splits as Lightning dataloaders.
+
+    Args:
+        train, val, test, predict: split specs (see module docstring); ``None`` = absent.
+        key_mapping: field renames for every split, e.g. ``{"y": "energy", "force": "forces"}``.
+        batch_size: structures per training batch (a cap when ``max_atoms_per_batch`` is set).
+        eval_batch_size: structures per val/test/predict batch (default ``batch_size``).
+        num_workers, pin_memory, persistent_workers: passed to the DataLoaders.
+        seed: shuffling seed (the epoch is added each epoch).
+        use_precomputed_edges: keep ``edge_index``/``cell_offsets`` stored in the files.
+        graph_cutoff, graph_max_neighbors: build the radius graph in the loader workers for
+            structures left without one (both or neither).
+        max_atoms_per_batch: pack batches up to this many atoms instead of a fixed count.
+        drop_last: drop the incomplete last training batch / step.
+        stats_cache_dir: where statistics are cached when the data directory is read-only.
+        max_num_elements: length of the element-reference vector in the statistics.
+        progress: show progress bars for dataset scans.
+    """
+
+    def __init__(
+        self,
+        train: SplitSpec = None,
+        val: SplitSpec = None,
+        test: SplitSpec = None,
+        predict: SplitSpec = None,
+        key_mapping: Mapping[str, str] | None = None,
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+        seed: int = 0,
+        use_precomputed_edges: bool = False,
+        graph_cutoff: float | None = None,
+        graph_max_neighbors: int | None = None,
+        max_atoms_per_batch: int | None = None,
+        drop_last: bool = False,
+        stats_cache_dir: str | os.PathLike | None = None,
+        max_num_elements: int = 100,
+        progress: bool = True,
+    ) -> None:
+        super().__init__()
+        self.splits = {"train": train, "val": val, "test": test, "predict": predict}
+        for name, spec in self.splits.items():
+            if isinstance(spec, Mapping):
+                unknown = set(spec) - _SPLIT_KEYS
+                if "src" not in spec or unknown:
+                    raise ValueError(
+                        f"split '{name}': expected keys {sorted(_SPLIT_KEYS)} with 'src' required, got {sorted(spec)}"
+                    )
+        self.key_mapping = dict(key_mapping or {})
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.persistent_workers = persistent_workers and num_workers > 0
+        self.seed = seed
+        self.max_atoms_per_batch = max_atoms_per_batch
+        self.drop_last = drop_last
+        self.stats_cache_dir = stats_cache_dir
+        self.max_num_elements = max_num_elements
+        self.progress = progress
+        self.graph_selection = GraphSelection(use_precomputed_edges, graph_cutoff, graph_max_neighbors)
+        self.datasets: dict[str, LmdbDataset] = {}
+        self._natoms: dict[str, Any] = {}
+
+    # --------------------------------------------------------------------------- datasets
+    def dataset(self, split: str) -> LmdbDataset:
+        """The dataset of ``split`` (opened on first use)."""
+        if split not in self.datasets:
+            spec = self.splits.get(split)
+            if spec is None:
+                raise ValueError(f"no '{split}' split configured for {type(self).__name__}")
+            if not isinstance(spec, Mapping):
+                spec = {"src": spec}
+            mapping = spec.get("key_mapping", self.key_mapping)
+            self.datasets[split] = LmdbDataset(
+                spec["src"],
+                key_mapping=mapping,
+                subset=spec.get("subset"),
+                subset_seed=spec.get("subset_seed"),
+                transform=self.graph_selection,
+            )
+        return self.datasets[split]
+
+    def setup(self, stage: str | None = None) -> None:
+        """Open the datasets the stage needs (all configured ones when ``stage`` is None)."""
+        names = _STAGE_SPLITS.get(stage, tuple(self.splits)) if stage else tuple(self.splits)
+        for name in names:
+            if self.splits.get(name) is not None:
+                self.dataset(name)
+
+    def statistics(self) -> dict[str, Any]:
+        """Normalisation statistics of the train split (cached; see :mod:`escn_train.data.statistics`)."""
+        return load_or_compute_statistics(
+            self.dataset("train"), self.stats_cache_dir, self.max_num_elements, progress=self.progress
+        )
+
+    # --------------------------------------------------------------------------- loaders
+    def _world(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            return int(trainer.world_size), int(trainer.global_rank)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_world_size(), torch.distributed.get_rank()
+        return 1, 0
+
+    def _natoms_of(self, split: str):
+        if split not in self._natoms:
+            self._natoms[split] = dataset_natoms(self.dataset(split), progress=self.progress)
+        return self._natoms[split]
+
+    def batch_sampler(self, split: str) -> AtomBalancedBatchSampler:
+        """The batch sampler ``split``'s DataLoader uses on this rank."""
+        dataset = self.dataset(split)
+        replicas, rank = self._world()
+        training = split == "train"
+        needs_natoms = self.max_atoms_per_batch is not None or replicas > 1
+        return AtomBalancedBatchSampler(
+            len(dataset),
+            natoms=self._natoms_of(split) if needs_natoms else None,
+            batch_size=self.batch_size if training else self.eval_batch_size,
+            max_atoms=self.max_atoms_per_batch,
+            num_replicas=replicas,
+            rank=rank,
+            shuffle=training,
+            seed=self.seed,
+            drop_last=self.drop_last and training,
+        )
+
+    def _loader(self, split: str) -> DataLoader:
+        return DataLoader(
+            self.dataset(split),
+            batch_sampler=self.batch_sampler(split),
+            collate_fn=collate_structures,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers,
+            worker_init_fn=_worker_init if self.num_workers > 0 else None,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict")
