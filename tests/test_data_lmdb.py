@@ -216,3 +216,34 @@ def test_forked_workers_open_their_own_environment():
         multiprocessing_context="fork",
     )
     assert [e for batch in loader for e in batch] == expected
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.int64, torch.int32, torch.uint8, torch.bool, torch.bfloat16])
+def test_tensors_of_every_dtype_and_view_round_trip(dtype):
+    from escn_train.data.safe_pickle import safe_loads
+
+    base = (torch.randn(6, 3) * 10).to(dtype)
+    for tensor in (base, base[2:5], base.T, base[:0]):
+        out = safe_loads(pickle.dumps(tensor), "test")
+        assert out.dtype == tensor.dtype and out.shape == tensor.shape and torch.equal(out, tensor)
+
+
+class _EvilStorage:
+    """Pretends to be a tensor storage whose inner bytes run a command when torch.load-ed unsafely."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+
+    def __reduce__(self):
+        import torch.storage
+
+        return (torch.storage._load_from_bytes, (pickle.dumps(_Exploit(self.target)),))
+
+
+def test_storage_bytes_are_loaded_weights_only(tmp_path):
+    from escn_train.data.safe_pickle import safe_loads
+
+    target = tmp_path / "pwned"
+    with pytest.raises(pickle.UnpicklingError, match="storage-entry"):
+        safe_loads(pickle.dumps(_EvilStorage(str(target))), "storage-entry")
+    assert not target.exists()

@@ -15,6 +15,8 @@ from __future__ import annotations
 import collections
 import io
 import pickle
+import sys
+import warnings
 from typing import Any
 
 import numpy as np
@@ -25,9 +27,77 @@ class UnsafePickleError(pickle.UnpicklingError):
     """An entry names a global that is not on the allow-list."""
 
 
+class _NotPlainStorage(Exception):
+    """The bytes are not one plain little-endian CPU storage; use ``torch.load`` instead."""
+
+
+def _legacy_storage_dtypes() -> dict[str, torch.dtype]:
+    """``{"FloatStorage": torch.float32, ...}`` for torch's legacy typed-storage classes."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TypedStorage deprecation notice on .dtype
+        return {
+            name: cls.dtype
+            for name, cls in vars(torch).items()
+            if name.endswith("Storage") and isinstance(cls, type) and issubclass(cls, torch.storage._LegacyStorage)
+        }
+
+
+_STORAGE_DTYPES = _legacy_storage_dtypes()
+
+
+class _StorageHeaderUnpickler(pickle.Unpickler):
+    """Reads the small pickles of torch's legacy format; ``torch.<T>Storage`` resolves to its dtype."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _STORAGE_DTYPES[name]
+        raise _NotPlainStorage(f"{module}.{name}")
+
+    def persistent_load(self, pid: Any) -> Any:
+        return pid
+
+
+def _read_plain_storage(raw: bytes) -> torch.storage.TypedStorage:
+    """Decode the legacy ``torch.save`` bytes of one storage (what ``pickle`` puts in a tensor).
+
+    Layout: pickled magic number, protocol, system info, the storage's persistent id
+    ``("storage", <cls>, key, location, numel, view_metadata)``, the list of keys, then
+    the raw data preceded by its element count (int64). Only data bytes are turned into
+    objects, so this is as safe as ``torch.load(weights_only=True)`` and much faster.
+    """
+    f = io.BytesIO(raw)
+    header = [_StorageHeaderUnpickler(f).load() for _ in range(3)]
+    if header[0] != torch.serialization.MAGIC_NUMBER or header[1] != torch.serialization.PROTOCOL_VERSION:
+        raise _NotPlainStorage("unexpected header")
+    if not isinstance(header[2], dict) or header[2].get("little_endian") is not True or sys.byteorder != "little":
+        raise _NotPlainStorage("byte order")
+    pid = _StorageHeaderUnpickler(f).load()
+    keys = _StorageHeaderUnpickler(f).load()
+    if not (
+        isinstance(pid, tuple) and len(pid) == 6 and pid[0] == "storage" and isinstance(pid[1], torch.dtype)
+        and pid[5] is None and keys == [pid[2]]
+    ):
+        raise _NotPlainStorage("not a single plain storage")
+    dtype = pid[1]
+    count = int.from_bytes(f.read(8), "little", signed=True)
+    nbytes = count * torch._utils._element_size(dtype)
+    data = f.read(nbytes)
+    if count < 0 or len(data) != nbytes or count != pid[4]:
+        raise _NotPlainStorage("truncated data")
+    untyped = torch.UntypedStorage.from_buffer(data, dtype=torch.uint8) if nbytes else torch.UntypedStorage(0)
+    return torch.storage.TypedStorage(wrap_storage=untyped, dtype=dtype, _internal=True)
+
+
 def _load_storage_from_bytes(raw: bytes) -> Any:
-    """Stand-in for ``torch.storage._load_from_bytes`` that cannot unpickle arbitrary objects."""
-    return torch.load(io.BytesIO(raw), weights_only=True)
+    """Stand-in for ``torch.storage._load_from_bytes`` that cannot unpickle arbitrary objects.
+
+    The common case (one plain storage) is decoded directly; anything else goes through
+    ``torch.load(weights_only=True)``.
+    """
+    try:
+        return _read_plain_storage(raw)
+    except (_NotPlainStorage, pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError):
+        return torch.load(io.BytesIO(raw), weights_only=True)
 
 
 class PickledRecord:
