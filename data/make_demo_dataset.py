@@ -12,7 +12,6 @@ Usage: ``python data/make_demo_dataset.py [--out data/demo] [--seed 0] [--force]
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from pathlib import Path
 

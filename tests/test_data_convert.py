@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import ase.io
-import numpy as np
 import pytest
 import torch
 from ase.build import add_adsorbate, fcc111
