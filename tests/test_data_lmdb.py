@@ -65,9 +65,20 @@ def test_pyg2_sample_every_field_matches_raw_pickle():
         assert set(data.keys()) == set(ref.keys())
 
 
+def test_legacy_sample_reads_every_field_as_stored():
+    raw = raw_entries(LEGACY)
+    samples = [LmdbDataset(LEGACY, key_mapping=OC20_MAPPING)[i] for i in range(8)]
+    for i, data in enumerate(samples):
+        ref = raw[str(i).encode()].__dict__
+        assert data.edge_index.tolist() == ref["edge_index"].tolist()
+        assert data.cell_offsets.tolist() == ref["cell_offsets"].tolist()
+        torch.testing.assert_close(data.distances, ref["distances"], rtol=0, atol=0)
+        torch.testing.assert_close(data.pos, ref["pos"], rtol=0, atol=0)
+
+
 def test_legacy_sample_every_field_and_edge_consistency():
     raw = raw_entries(LEGACY)
-    dataset = LmdbDataset(LEGACY, key_mapping=OC20_MAPPING)
+    dataset = LmdbDataset(LEGACY, key_mapping=OC20_MAPPING, check_edges=True)
     assert len(dataset) == raw[b"length"] == 8
     consistent_seen = inconsistent_seen = 0
     with pytest.warns(UserWarning, match=r"oc20_pyg1_legacy_sample\.lmdb, key b'\d+'.*disagree"):

@@ -122,6 +122,7 @@ class LmdbDataModule(L.LightningDataModule):
                 subset=spec.get("subset"),
                 subset_seed=spec.get("subset_seed"),
                 transform=self.graph_selection,
+                check_edges=self.graph_selection.use_precomputed_edges,
             )
         return self.datasets[split]
 

@@ -176,7 +176,9 @@ class LmdbDataset(torch.utils.data.Dataset):
         subset_seed: with a fractional or first-N subset, pick a random sorted choice instead.
         transform: called on every decoded ``Data`` (e.g. graph selection); its result is returned.
         check_edges: compare precomputed edges with a stored ``distances`` field and drop
-            them (with a warning) from entries where they contradict the positions.
+            them (with a warning) from entries where they contradict the positions. Off by
+            default, so entries come back exactly as stored; the data module turns it on
+            when it will feed precomputed edges to the model.
     """
 
     def __init__(
@@ -186,7 +188,7 @@ class LmdbDataset(torch.utils.data.Dataset):
         subset: Subset = None,
         subset_seed: int | None = None,
         transform: Callable[[Data], Data] | None = None,
-        check_edges: bool = True,
+        check_edges: bool = False,
     ) -> None:
         self.path = Path(path).expanduser()
         self.paths = resolve_lmdb_paths(self.path)
