@@ -289,6 +289,17 @@ class eSCN(nn.Module):  # noqa: N801 - the reference's public name
         edge_rot_mat: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The network given explicit per-edge frames (for example the reference's)."""
+        x = self.node_features(atomic_numbers, edge_index, edge_distance, edge_rot_mat)
+        return self.readout(x, batch_idx, natoms.shape[0])
+
+    def node_features(
+        self,
+        atomic_numbers: torch.Tensor,
+        edge_index: torch.Tensor,
+        edge_distance: torch.Tensor,
+        edge_rot_mat: torch.Tensor,
+    ) -> torch.Tensor:
+        """Spherical node features after the last layer, [N, (lmax+1)^2, C]."""
         atomic_numbers = atomic_numbers.to(torch.long)
         wigner = self.wigner(edge_rot_mat)
         num_atoms = atomic_numbers.shape[0]
@@ -303,12 +314,21 @@ class eSCN(nn.Module):  # noqa: N801 - the reference's public name
         for i, layer in enumerate(self.layer_blocks):
             update = layer(x, atomic_numbers, edge_distance, edge_index, wigner)
             x = update if i == 0 else x + update
+        return x
 
-        # The readout averages over sphere points with heavy cancellation: float32 always.
+    def readout(
+        self, x: torch.Tensor, batch_idx: torch.Tensor, num_structures: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Energies [B] and forces [N, 3] from node features sampled at the sphere points.
+
+        Sampling P fixed points makes the readout equivariant only up to that quadrature's
+        error, which shrinks as ``num_sphere_samples`` grows (as in the reference).
+        """
+        # Averages over sphere points cancel heavily: float32 always.
         with _float32_region(x):
             x_pt = torch.einsum("abc,pb->apc", _float32(x), self.sphharm_weights)
             node_energy = self.energy_block(x_pt)
-            energy = torch.zeros(natoms.shape[0], dtype=node_energy.dtype, device=node_energy.device)
+            energy = torch.zeros(num_structures, dtype=node_energy.dtype, device=node_energy.device)
             energy = energy.index_add(0, batch_idx, node_energy) * 0.001
             forces = self.force_block(x_pt, self.sphere_points)
         return energy, forces

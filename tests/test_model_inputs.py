@@ -1,0 +1,84 @@
+"""Bad inputs are refused in eager mode with errors that name the atom or edge."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from reference_fixtures import build_model, fixture_batch, load_fixture
+
+NAME = "tiny_l2m1"
+
+
+def _args():
+    fixture = load_fixture(NAME)
+    s, g = fixture["structures"], fixture["graph"]
+    return [
+        s["pos"].clone(),
+        s["batch"].clone(),
+        s["natoms"].clone(),
+        s["atomic_numbers"].clone(),
+        g["edge_index"].clone(),
+        g["edge_distance"].clone(),
+        g["edge_distance_vec"].clone(),
+    ]
+
+
+def test_atomic_number_out_of_range_names_the_atom():
+    model = build_model(NAME, export=True)
+    args = _args()
+    args[3][5] = model.max_num_elements
+    with pytest.raises(ValueError, match=r"atom 5 has atomic number 90.*max_num_elements=90"):
+        model(*args)
+    batch = fixture_batch(NAME)
+    batch.atomic_numbers[7] = 120
+    with pytest.raises(ValueError, match=r"atom 7 has atomic number 120"):
+        build_model(NAME)(batch)
+
+
+def test_zero_length_edge_names_the_edge():
+    model = build_model(NAME, export=True)
+    args = _args()
+    args[6][3] = 0.0
+    args[5][3] = 0.0
+    source, target = args[4][:, 3].tolist()
+    with pytest.raises(ValueError, match=rf"edge 3 \(source atom {source} -> target atom {target}\) has length 0"):
+        model(*args)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_position_names_the_atom(value):
+    args = _args()
+    args[0][11, 1] = value
+    with pytest.raises(ValueError, match=r"atom 11 has a non-finite position"):
+        build_model(NAME, export=True)(*args)
+    batch = fixture_batch(NAME)
+    batch.pos[11, 2] = value
+    with pytest.raises(ValueError, match=r"atom 11 has a non-finite position"):
+        build_model(NAME)(batch)
+
+
+def test_checks_are_skipped_inside_an_exported_program():
+    model = build_model(NAME, export=True)
+    program = torch.export.export(model, tuple(_args()))
+    args = _args()
+    args[3][5] = 3  # still a valid index: the exported graph simply has no validation op
+    energy, forces = program.module()(*args)
+    assert torch.isfinite(energy).all() and torch.isfinite(forces).all()
+    assert not [n for n in program.graph.nodes if "assert" in str(n.target) and "async" in str(n.target)]
+
+
+def test_invalid_configuration_is_refused():
+    from escn_train.models.escn import eSCN
+
+    with pytest.raises(ValueError, match="mmax must be between 0 and lmax"):
+        eSCN(lmax=2, mmax=3)
+    with pytest.raises(ValueError, match="distance_function='cosine'"):
+        eSCN(lmax=2, mmax=1, num_layers=1, sphere_channels=8, hidden_channels=8, edge_channels=8, distance_function="cosine")
+
+
+def test_calling_convention_follows_the_export_flag():
+    batch = fixture_batch(NAME)
+    out = build_model(NAME)(batch)
+    assert isinstance(out, dict) and out["energy"].shape == (4,) and out["forces"].shape == (38, 3)
+    energy, forces = build_model(NAME, export=True)(*_args())
+    assert energy.shape == (4,) and forces.shape == (38, 3)
