@@ -46,8 +46,17 @@ def edge_vectors(
 
 def _images_per_structure(cell: torch.Tensor, cutoff: float, pbc: torch.Tensor) -> torch.Tensor:
     """Images needed along each cell vector: ceil(cutoff * |b_k|), 0 where not periodic."""
-    # Rows of inv(cell)^T are the reciprocal vectors b_k with a_k . b_k = 1.
-    reciprocal = torch.linalg.inv(cell.to(torch.float64)).transpose(1, 2)
+    # Rows of inv(cell)^T are the reciprocal vectors b_k with a_k . b_k = 1. Molecules and
+    # slabs may come with zero vectors along non-periodic directions: there the
+    # pseudo-inverse gives the in-plane reciprocal vectors, and those directions get 0 images.
+    cell64 = cell.to(torch.float64)
+    singular = torch.linalg.det(cell64).abs() < 1e-9
+    safe = torch.where(singular[:, None, None], torch.eye(3, dtype=torch.float64, device=cell.device), cell64)
+    reciprocal = torch.where(
+        singular[:, None, None], torch.linalg.pinv(cell64), torch.linalg.inv(safe)
+    ).transpose(1, 2)
+    if bool((singular & pbc.all(dim=-1)).any()):
+        raise ValueError("a structure periodic in all three directions has a singular cell")
     reps = torch.ceil(cutoff * reciprocal.norm(dim=-1)).long()
     return torch.where(pbc, reps, torch.zeros_like(reps))
 

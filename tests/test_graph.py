@@ -114,3 +114,14 @@ def test_an_isolated_atom_meets_only_its_images():
     )
     none = radius_graph_pbc(pos, cell, torch.tensor([1]), 3.1, 100, pbc=torch.tensor([False, False, False]))
     assert none.edge_index.shape[1] == 0
+
+
+def test_molecule_without_cell_and_slab_with_zero_vacuum_vector():
+    pos = torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, 1.1], [0.0, 1.0, 0.0]])
+    graph = radius_graph_pbc(pos, torch.zeros(1, 3, 3), torch.tensor([3]), 1.6, 100, pbc=torch.zeros(3, dtype=torch.bool))
+    assert graph.edge_index.shape[1] == 6 and graph.cell_offsets.abs().sum() == 0
+    slab_cell = torch.tensor([[[2.5, 0.0, 0.0], [0.0, 2.5, 0.0], [0.0, 0.0, 0.0]]])
+    slab = radius_graph_pbc(pos[:1], slab_cell, torch.tensor([1]), 2.6, 100, pbc=torch.tensor([True, True, False]))
+    assert sorted(map(tuple, slab.cell_offsets.tolist())) == [(-1, 0, 0), (0, -1, 0), (0, 1, 0), (1, 0, 0)]
+    with pytest.raises(ValueError, match="singular cell"):
+        radius_graph_pbc(pos, torch.zeros(1, 3, 3), torch.tensor([3]), 1.6, 100)
