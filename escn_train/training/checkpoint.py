@@ -1,0 +1,90 @@
+"""Reading the project's training checkpoints without Lightning or Hydra.
+
+A checkpoint is a Lightning checkpoint (``torch.save`` dict) with plain contents only, so
+``torch.load(path, weights_only=True)`` reads it:
+
+* ``hyper_parameters``: the :class:`~escn_train.training.module.PotentialModule` arguments
+  (``model`` = eSCN kwargs, ``loss``, ``optimizer``, ``scheduler``, ``normalizer``, ``ema``);
+* ``state_dict``: ``potential.*`` (trained weights and normaliser buffers),
+  ``ema.module.*`` (the EMA copy, when enabled), metric states;
+* ``normalizers``: energy mean/std, force std, element references (plain numbers);
+* ``config``: the resolved run configuration (plain dict), ``run_info`` (e.g. wandb id),
+  ``rng_states``, plus Lightning's ``optimizer_states``, ``lr_schedulers``, ``loops``,
+  ``callbacks``, ``epoch``, ``global_step``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from escn_train.models.escn import eSCN
+from escn_train.models.potential import ESCNPotential
+
+POTENTIAL_PREFIX = "potential."
+EMA_PREFIX = "ema.module."
+
+
+def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """The checkpoint dict, loaded with ``weights_only=True``; errors name the file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(checkpoint, Mapping) or "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
+        raise ValueError(f"{path}: not an escn-train checkpoint (expected 'state_dict' and 'hyper_parameters')")
+    if "model" not in checkpoint["hyper_parameters"]:
+        raise ValueError(f"{path}: hyper_parameters has no 'model' (eSCN arguments)")
+    return checkpoint
+
+
+def potential_state_dict(checkpoint: Mapping[str, Any], use_ema: bool = True) -> dict[str, torch.Tensor]:
+    """``ESCNPotential`` state dict from a checkpoint: the EMA weights when present and asked for."""
+    state = checkpoint["state_dict"]
+    prefix = EMA_PREFIX if use_ema and any(k.startswith(EMA_PREFIX) for k in state) else POTENTIAL_PREFIX
+    out = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    if not out:
+        raise ValueError(f"checkpoint state_dict has no '{prefix}*' entries")
+    return out
+
+
+def load_potential(
+    path: str | os.PathLike, use_ema: bool = True, map_location: str | torch.device = "cpu"
+) -> ESCNPotential:
+    """Rebuild the trained :class:`ESCNPotential` (eval mode) from a project checkpoint.
+
+    The network is constructed from the eSCN arguments stored in the checkpoint and gets the
+    EMA weights (``use_ema=True``, when the run kept an EMA) or the raw trained weights;
+    normalisers come with the state dict, so predictions are in eV and eV/Å.
+    """
+    checkpoint = read_checkpoint(path, map_location)
+    model_kwargs = dict(checkpoint["hyper_parameters"]["model"])
+    model_kwargs.pop("compile", None)  # compiling is a deployment choice, not part of the weights
+    potential = ESCNPotential(eSCN(**model_kwargs))
+    potential.load_state_dict(potential_state_dict(checkpoint, use_ema), strict=True)
+    return potential.eval()
+
+
+def init_module_from_checkpoint(module: torch.nn.Module, path: str | os.PathLike, use_ema: bool = True) -> None:
+    """Fine-tuning start: copy weights and normalisers of ``path`` into a fresh ``PotentialModule``.
+
+    Only the potential is taken (EMA weights by default); optimizer, scheduler, step counter
+    and the EMA history start anew. The architectures must match.
+    """
+    checkpoint = read_checkpoint(path)
+    saved = dict(checkpoint["hyper_parameters"]["model"])
+    current = dict(module.hparams["model"])
+    for key in set(saved) | set(current):
+        if key in ("compile", "export"):
+            continue
+        if saved.get(key) != current.get(key):
+            raise ValueError(
+                f"init_from={path}: model.{key} is {current.get(key)!r} here but {saved.get(key)!r} in the checkpoint"
+            )
+    state = potential_state_dict(checkpoint, use_ema)
+    module.potential.load_state_dict(state, strict=True)
+    if module.ema is not None:
+        module.ema.copy_from(module.potential)
+    module.normalizers_ready = True

@@ -1,0 +1,311 @@
+"""The LightningModule that trains an :class:`~escn_train.models.potential.ESCNPotential`.
+
+All constructor arguments are plain Python values (dicts, numbers, strings), stored as
+hyper-parameters, so checkpoints load with ``torch.load(weights_only=True)`` and the model
+can be rebuilt from them alone (:func:`escn_train.training.checkpoint.load_potential`).
+
+Flow of one step: the network predicts normalised energy/forces; labels are mapped into
+the same units with the potential's normalisers and the loss is taken there; metrics are
+computed on physical predictions (eV, eV/Å). Validation and test use the EMA weights when
+EMA is enabled. Normalisers are fitted on the train split at ``setup`` (unless given or
+loaded from a checkpoint) and live in the potential's buffers.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+
+from escn_train.models.escn import eSCN
+from escn_train.models.potential import ESCNPotential
+from escn_train.training.ema import ExponentialMovingAverage
+from escn_train.training.losses import EnergyForceLoss
+from escn_train.training.metrics import EnergyForceMetrics
+from escn_train.training.optim import build_optimizer, build_scheduler
+
+NORMALIZER_KEYS = ("energy_mean", "energy_std", "force_std", "element_references", "force_std_free_atoms")
+SPLITS = ("train", "val", "test")
+
+
+def normalizers_from_statistics(stats: Mapping[str, Any], config: Mapping[str, Any]) -> dict[str, Any]:
+    """Normaliser values from dataset statistics; explicit numbers in ``config`` win.
+
+    With ``element_references`` true the energy mean/std are those of the referenced
+    energies (``E - Σ ref[Z]``); the force scale is the RMS force component (over free atoms
+    with ``force_std_free_atoms``).
+    """
+    use_refs = bool(config.get("element_references", False))
+    if use_refs:
+        mean, std = stats["referenced_energy_mean"], stats["referenced_energy_std"]
+    else:
+        mean, std = stats["energy_mean"], stats["energy_std"]
+    force = stats["force_rms"]
+    if config.get("force_std_free_atoms", False) and stats.get("force_rms_free"):
+        force = stats["force_rms_free"]
+    out = {
+        "energy_mean": mean if config.get("energy_mean") is None else config["energy_mean"],
+        "energy_std": std if config.get("energy_std") is None else config["energy_std"],
+        "force_std": force if config.get("force_std") is None else config["force_std"],
+        "element_references": list(stats["element_references"]) if use_refs else None,
+    }
+    for key in ("energy_std", "force_std"):
+        if not out[key] > 0:
+            raise ValueError(f"normalizer.{key}: must be positive, got {out[key]!r} (from the train statistics)")
+    return out
+
+
+class PotentialModule(L.LightningModule):
+    """Trains an eSCN potential on energies and forces.
+
+    Args:
+        model: ``eSCN`` keyword arguments.
+        loss: see :class:`~escn_train.training.losses.EnergyForceLoss`.
+        optimizer: see :func:`~escn_train.training.optim.build_optimizer`.
+        scheduler: see :func:`~escn_train.training.optim.build_scheduler` (None: constant LR).
+        normalizer: ``energy_mean``, ``energy_std``, ``force_std`` (numbers, or None to fit
+            them on the train split), ``element_references`` (bool: fit per-element linear
+            reference energies), ``force_std_free_atoms`` (bool).
+        ema: ``{"decay": 0.999, "warmup": true}`` or None / ``{"decay": null}`` for no EMA.
+        metrics_on_free_atoms: force metrics over free atoms only (``fixed == 0``).
+        train_metrics: also track the metrics on training batches (cheap, physical units).
+    """
+
+    def __init__(
+        self,
+        model: Mapping[str, Any],
+        loss: Mapping[str, Any] | None = None,
+        optimizer: Mapping[str, Any] | None = None,
+        scheduler: Mapping[str, Any] | None = None,
+        normalizer: Mapping[str, Any] | None = None,
+        ema: Mapping[str, Any] | None = None,
+        metrics_on_free_atoms: bool = True,
+        train_metrics: bool = True,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.loss_fn = EnergyForceLoss(loss)
+        normalizer = dict(normalizer or {})
+        unknown = set(normalizer) - set(NORMALIZER_KEYS)
+        if unknown:
+            raise ValueError(f"normalizer: unknown keys {sorted(unknown)}; allowed: {list(NORMALIZER_KEYS)}")
+        self.normalizer_config = normalizer
+        self.optimizer_config = dict(optimizer or {"name": "adamw", "lr": 1e-3})
+        self.scheduler_config = dict(scheduler) if scheduler else None
+        self.potential = ESCNPotential(eSCN(**dict(model)))
+        #: True once the normaliser buffers hold real values (fitted, given or loaded).
+        self.normalizers_ready = False
+        refs = normalizer.get("element_references")
+        if refs is not None and not isinstance(refs, bool) and not isinstance(refs, (list, tuple)):
+            raise ValueError(f"normalizer.element_references: expected true/false or a list of energies, got {refs!r}")
+        given = all(normalizer.get(k) is not None for k in ("energy_mean", "energy_std", "force_std"))
+        if isinstance(refs, (list, tuple)) and not given:
+            raise ValueError(
+                "normalizer.element_references: an explicit list needs energy_mean, energy_std and force_std too"
+            )
+        if given and refs is not True:
+            self.set_normalizers(normalizer)
+        ema = dict(ema or {})
+        decay = ema.get("decay")
+        self.ema = ExponentialMovingAverage(self.potential, decay, ema.get("warmup", True)) if decay else None
+        self.metrics_on_free_atoms = metrics_on_free_atoms
+        self.train_metrics = train_metrics
+        self.metrics = torch.nn.ModuleDict({f"{split}_metrics": EnergyForceMetrics() for split in SPLITS})
+        self.run_info: dict[str, Any] = {}  # e.g. the wandb run id; saved with checkpoints
+        #: Return physical predictions from val/test steps (set by the parity-plot callback).
+        self.collect_predictions = False
+        #: The resolved run configuration (plain dict), saved in checkpoints as ``config``.
+        self.run_config: dict[str, Any] | None = None
+        self._last_ema_step = -1
+
+    # ------------------------------------------------------------------ normalisers
+    @torch.no_grad()
+    def set_normalizers(self, values: Mapping[str, Any]) -> None:
+        """Write normaliser values into the potential's (and the EMA copy's) buffers."""
+        pot = self.potential
+        pot.energy_mean.fill_(float(values["energy_mean"]))
+        pot.energy_std.fill_(float(values["energy_std"]))
+        pot.force_std.fill_(float(values["force_std"]))
+        pot.element_references.zero_()
+        refs = values.get("element_references")
+        if refs is not None and not isinstance(refs, bool):
+            refs = torch.as_tensor(refs, dtype=torch.float32).flatten()[: pot.element_references.numel()]
+            pot.element_references[: refs.numel()] = refs
+        if getattr(self, "ema", None) is not None:
+            for name, buf in pot.named_buffers():
+                self.ema.module.get_buffer(name).copy_(buf)
+        self.normalizers_ready = True
+
+    def normalizer_values(self) -> dict[str, Any]:
+        """The current normalisers as plain numbers."""
+        pot = self.potential
+        return {
+            "energy_mean": float(pot.energy_mean),
+            "energy_std": float(pot.energy_std),
+            "force_std": float(pot.force_std),
+            "element_references": pot.element_references.tolist(),
+        }
+
+    def setup(self, stage: str) -> None:
+        """Fit the normalisers on the train split (rank 0 computes, the others receive)."""
+        if self.normalizers_ready or stage != "fit":
+            return
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None or not hasattr(datamodule, "statistics"):
+            raise ValueError(
+                "normalizer: energy_mean, energy_std and force_std must be given when the datamodule "
+                "cannot compute train statistics"
+            )
+        stats = datamodule.statistics() if self.trainer.is_global_zero else None
+        stats = self.trainer.strategy.broadcast(stats, src=0)
+        values = normalizers_from_statistics(stats, self.normalizer_config)
+        self.set_normalizers(values)
+        # A fresh EMA starts from the current weights with the fitted normalisers.
+        if self.ema is not None and int(self.ema.num_updates) == 0:
+            self.ema.copy_from(self.potential)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, batch: Any) -> dict[str, torch.Tensor]:
+        """Physical energies [B] (eV) and forces [N, 3] (eV/Å) with the evaluation weights."""
+        return self.eval_potential.forward_trainable(batch)
+
+    @property
+    def eval_potential(self) -> ESCNPotential:
+        """The weights used for validation/test/export: the EMA copy when enabled."""
+        return self.ema.module if self.ema is not None else self.potential
+
+    def _force_mask(self, batch: Any, for_metrics: bool) -> torch.Tensor | None:
+        fixed = getattr(batch, "fixed", None)
+        if for_metrics:
+            return None if fixed is None or not self.metrics_on_free_atoms else fixed.view(-1) == 0
+        return self.loss_fn.force_mask(fixed)
+
+    @staticmethod
+    def _batch_idx(batch: Any) -> torch.Tensor:
+        idx = getattr(batch, "batch", None)
+        return idx if idx is not None else torch.zeros_like(batch.atomic_numbers, dtype=torch.long)
+
+    def _step(self, batch: Any, split: str) -> dict[str, Any]:
+        potential = self.potential if split == "train" else self.eval_potential
+        batch_idx = self._batch_idx(batch)
+        z = batch.atomic_numbers.long()
+        out = potential.model.forward_trainable(batch)
+        e_pred, f_pred = out["energy"].float().view(-1), out["forces"].float()
+        e_true, f_true = batch.energy.float().view(-1), batch.forces.float()
+        e_norm, f_norm = potential.normalize_targets(e_true, f_true, z, batch_idx)
+        losses = self.loss_fn(e_pred, e_norm, f_pred, f_norm, self._force_mask(batch, for_metrics=False))
+        num_structures = e_true.shape[0]
+        for name, value in losses.items():
+            self.log(
+                f"{split}/{name}",
+                value,
+                on_step=split == "train",
+                on_epoch=True,
+                prog_bar=name == "loss",
+                batch_size=num_structures,
+                sync_dist=split != "train",
+            )
+        result: dict[str, Any] = {"loss": losses["loss"]}
+        if split == "train" and not self.train_metrics:
+            return result
+        with torch.no_grad():
+            e_phys, f_phys = potential.to_physical(e_pred.detach(), f_pred.detach(), z, batch_idx)
+            mask = self._force_mask(batch, for_metrics=True)
+            metrics = self.metrics[f"{split}_metrics"]
+            metrics.update(e_phys, e_true, f_phys, f_true, batch_idx, mask)
+            for name, metric in metrics.members().items():
+                self.log(
+                    f"{split}/{name}",
+                    metric,
+                    on_step=False,
+                    on_epoch=True,
+                    prog_bar=split != "train" and name in ("energy_mae", "forces_mae"),
+                    batch_size=num_structures,
+                )
+        if split != "train" and self.collect_predictions:
+            keep = mask if mask is not None else slice(None)
+            result["predictions"] = {
+                "energy": (e_phys.cpu(), e_true.cpu()),
+                "forces": (f_phys[keep].cpu(), f_true[keep].cpu()),
+            }
+        return result
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        out = self._step(batch, "train")
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
+        return out["loss"]
+
+    def validation_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
+        return self._step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
+        return self._step(batch, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
+        return self(batch)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # Once per optimizer step (not per micro-batch under gradient accumulation).
+        if self.ema is not None and self.trainer.global_step != self._last_ema_step:
+            self._last_ema_step = self.trainer.global_step
+            self.ema.update(self.potential)
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> Any:
+        optimizer = build_optimizer(self.potential, self.optimizer_config)
+        total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 1
+        scheduler = build_scheduler(optimizer, self.scheduler_config, max(1, total))
+        if scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["normalizers"] = self.normalizer_values()
+        checkpoint["run_info"] = dict(self.run_info)
+        if self.run_config is not None:
+            checkpoint["config"] = self.run_config
+        checkpoint["rng_states"] = capture_rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.normalizers_ready = True  # the state dict carries them
+        self.run_info.update(checkpoint.get("run_info") or {})
+        if "rng_states" in checkpoint:
+            restore_rng_states(checkpoint["rng_states"])
+
+
+def capture_rng_states() -> dict[str, Any]:
+    """Python, NumPy, torch (and CUDA) RNG states as plain values / tensors."""
+    np_state = np.random.get_state()
+    states: dict[str, Any] = {
+        "python": _to_plain(random.getstate()),
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states: Mapping[str, Any]) -> None:
+    """Inverse of :func:`capture_rng_states` (missing entries are left alone)."""
+    if "python" in states:
+        version, internal, gauss = states["python"]
+        random.setstate((version, tuple(internal), gauss))
+    if "numpy" in states:
+        name, keys, pos, has_gauss, cached = states["numpy"]
+        np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    if "torch" in states:
+        torch.set_rng_state(states["torch"].cpu())
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_to_plain(v) for v in value]
+    return value

@@ -1,0 +1,223 @@
+"""One training run from a plain configuration dict: build, fit, test, write ``metrics.json``.
+
+``train.py`` (Hydra) resolves the configuration into plain containers and calls
+:func:`run_training`; nothing here depends on OmegaConf. Components with a ``_target_``
+(datamodule, loggers, callbacks) are built with ``hydra.utils.instantiate``.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+import math
+import os
+import time
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+
+from escn_train.training.checkpoint import init_module_from_checkpoint, read_checkpoint
+from escn_train.training.config_checks import ConfigError, check_config
+from escn_train.training.module import PotentialModule
+
+WANDB_ID_FILE = "wandb_id.txt"
+# The EMA copy is kept in eval mode on purpose; Lightning warns about eval-mode modules.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+METRICS_FILE = "metrics.json"
+
+
+# ---------------------------------------------------------------------------------- pieces
+def build_datamodule(data: Mapping[str, Any]) -> L.LightningDataModule:
+    """The datamodule of ``data`` (generating the demo files first when ``generate_demo`` is set)."""
+    data = dict(data)
+    demo_root = data.pop("generate_demo", None)
+    if demo_root:
+        from escn_train.data import ensure_demo_dataset
+
+        ensure_demo_dataset(demo_root)
+    if "_target_" not in data:
+        raise ConfigError("data._target_: missing (e.g. escn_train.data.LmdbDataModule)")
+    return instantiate(data, _convert_="all")
+
+
+def build_module(cfg: Mapping[str, Any]) -> PotentialModule:
+    """The LightningModule from the model/loss/optimizer/scheduler/normalizer/ema settings."""
+    return PotentialModule(
+        model=dict(cfg["model"]),
+        loss=cfg.get("loss"),
+        optimizer=cfg.get("optimizer"),
+        scheduler=cfg.get("scheduler"),
+        normalizer=cfg.get("normalizer"),
+        ema=cfg.get("ema"),
+        metrics_on_free_atoms=cfg.get("metrics_on_free_atoms", True),
+        train_metrics=cfg.get("train_metrics", True),
+    )
+
+
+def resolve_ckpt_path(cfg: Mapping[str, Any], run_dir: Path) -> str | None:
+    """The checkpoint to resume from: ``ckpt_path``, or the run's ``last.ckpt`` with ``resume=auto``."""
+    path = cfg.get("ckpt_path")
+    if path:
+        if not os.path.isfile(path):
+            raise ConfigError(f"ckpt_path: no such checkpoint file: {path}")
+        return str(path)
+    if cfg.get("resume", "never") == "auto":
+        last = run_dir / "checkpoints" / "last.ckpt"
+        if last.is_file():
+            return str(last)
+    return None
+
+
+def _wandb_has_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        return "api.wandb.ai" in netrc.read_text()
+    except OSError:
+        return False
+
+
+def wandb_run_id(run_dir: Path, resume_from: str | None) -> str:
+    """The wandb id of this run: from the resumed checkpoint, the run dir, or a new one (saved)."""
+    run_id = None
+    if resume_from:
+        run_id = (read_checkpoint(resume_from).get("run_info") or {}).get("wandb_id")
+    id_file = run_dir / WANDB_ID_FILE
+    if run_id is None and id_file.is_file():
+        run_id = id_file.read_text().strip() or None
+    run_id = run_id or uuid.uuid4().hex[:12]
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        id_file.write_text(run_id + "\n")
+    return run_id
+
+
+def build_loggers(
+    loggers: Mapping[str, Any] | None, run_dir: Path, resume_from: str | None, run_info: dict[str, Any]
+) -> list[Any]:
+    """Instantiate the named loggers; wandb gets a stable id and offline mode without a key."""
+    out = []
+    for name, spec in (loggers or {}).items():
+        if spec is None:
+            continue
+        spec = dict(spec)
+        if "WandbLogger" in str(spec.get("_target_", "")):
+            run_id = wandb_run_id(run_dir, resume_from)
+            run_info["wandb_id"] = run_id
+            spec["id"] = run_id
+            spec.setdefault("resume", "allow")
+            if spec.get("offline") is None:
+                spec["offline"] = not _wandb_has_credentials() and "WANDB_MODE" not in os.environ
+        try:
+            out.append(instantiate(spec, _convert_="all"))
+        except Exception as err:  # instantiate wraps errors; name the logger
+            raise ConfigError(f"logger.{name}: could not be created: {err}") from err
+    return out
+
+
+def build_callbacks(callbacks: Mapping[str, Any] | None) -> list[L.Callback]:
+    """Instantiate the named callbacks (``None`` entries are switched off)."""
+    out = []
+    for name, spec in (callbacks or {}).items():
+        if spec is None:
+            continue
+        try:
+            out.append(instantiate(dict(spec), _convert_="all"))
+        except Exception as err:
+            raise ConfigError(f"callbacks.{name}: could not be created: {err}") from err
+    return out
+
+
+def _checkpoint_callback(trainer: L.Trainer) -> Any:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    for callback in trainer.callbacks:
+        if isinstance(callback, ModelCheckpoint) and callback.monitor:
+            return callback
+    return None
+
+
+def _plain_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    out = {}
+    for key, value in metrics.items():
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1:
+                continue
+            value = value.item()
+        if isinstance(value, (int, float)):
+            out[key] = float(value)
+    return out
+
+
+def format_summary(metrics: Mapping[str, float]) -> str:
+    """A short human-readable comparison of the test errors with the zero-force baseline."""
+    lines = []
+    fmae, base = metrics.get("test/forces_mae"), metrics.get("test/forces_mae_zero_baseline")
+    if fmae is not None and base:
+        lines.append(f"test forces MAE {fmae:.4f} eV/Å vs zero-force baseline {base:.4f} eV/Å (ratio {fmae / base:.3f})")
+    if "test/energy_mae" in metrics:
+        lines.append(f"test energy MAE {metrics['test/energy_mae']:.4f} eV, EFwT {metrics.get('test/efwt', math.nan):.3f}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------- main
+def run_training(cfg: Mapping[str, Any], run_dir: str | os.PathLike) -> dict[str, Any]:
+    """Fit (and test) according to ``cfg``; returns the metrics written to ``metrics.json``."""
+    started = time.perf_counter()
+    run_dir = Path(run_dir)
+    check_config(cfg)
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg["threads"]))
+    L.seed_everything(int(cfg.get("seed", 0)), workers=True, verbose=False)
+
+    datamodule = build_datamodule(cfg["data"])
+    module = build_module(cfg)
+    ckpt_path = resolve_ckpt_path(cfg, run_dir)
+    if cfg.get("init_from"):
+        init_module_from_checkpoint(module, cfg["init_from"])
+    run_info: dict[str, Any] = {"run_dir": str(run_dir)}
+    loggers = build_loggers(cfg.get("logger"), run_dir, ckpt_path, run_info)
+    module.run_info.update(run_info)
+    module.run_config = dict(cfg)  # stored in checkpoints as "config"
+    callbacks = build_callbacks(cfg.get("callbacks"))
+    trainer_kwargs = dict(cfg.get("trainer") or {})
+    trainer = L.Trainer(
+        **trainer_kwargs, logger=loggers if loggers else False, callbacks=callbacks, default_root_dir=str(run_dir)
+    )
+    if trainer.is_global_zero:
+        print(f"run directory: {run_dir}" + (f"  (resuming from {ckpt_path})" if ckpt_path else ""))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+
+    results: dict[str, Any] = {}
+    results.update(_plain_metrics(trainer.callback_metrics))
+    checkpoint_cb = _checkpoint_callback(trainer)
+    best_path = checkpoint_cb.best_model_path if checkpoint_cb is not None else ""
+    if checkpoint_cb is not None and checkpoint_cb.best_model_score is not None:
+        results[f"best/{checkpoint_cb.monitor}"] = float(checkpoint_cb.best_model_score)
+    if cfg.get("test_after_fit", True) and (cfg["data"].get("test") is not None):
+        tested = trainer.test(module, datamodule=datamodule, ckpt_path=best_path or None, verbose=True)
+        for entry in tested:
+            results.update(_plain_metrics(entry))
+    results.update(
+        {
+            "best_checkpoint": best_path or None,
+            "epochs": trainer.current_epoch,
+            "global_step": trainer.global_step,
+            "num_parameters": sum(p.numel() for p in module.potential.parameters() if p.requires_grad),
+            "wall_time_s": time.perf_counter() - started,
+        }
+    )
+    if trainer.is_global_zero:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / METRICS_FILE).write_text(json.dumps(dict(sorted(results.items())), indent=1) + "\n")
+        summary = format_summary(results)
+        if summary:
+            print(summary)
+        print(f"metrics written to {run_dir / METRICS_FILE} (wall time {results['wall_time_s']:.0f} s)")
+    return results

@@ -1,0 +1,40 @@
+#!/usr/bin/env python
+"""Train an eSCN potential: `python train.py [group=option ...] [key=value ...]`.
+
+With no arguments: escn_tiny on the demo data on CPU. See `python train.py --help` for the
+config groups and README.md (## Training) for recipes, resume and multirun.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    """Resolve the config to plain containers, train, and return the optimised metric."""
+    from escn_train.training.config_checks import ConfigError
+    from escn_train.training.run import run_training
+
+    try:
+        config = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except OmegaConfBaseException as err:
+        raise SystemExit(f"invalid configuration: {err}") from None
+    config.pop("hydra", None)
+    try:
+        results = run_training(config, HydraConfig.get().runtime.output_dir)
+    except ConfigError as err:
+        raise SystemExit(f"invalid configuration: {err}") from None
+    value = results.get(f"best/{config.get('optimized_metric')}", results.get(str(config.get("optimized_metric"))))
+    return float(value) if value is not None else None
+
+
+if __name__ == "__main__":
+    main()
