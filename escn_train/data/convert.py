@@ -82,10 +82,16 @@ def atoms_to_data(
     cutoff: float | None = None,
     max_neighbors: int | None = None,
     label_keys: LabelKeys = LabelKeys(),
+    *,
+    require_labels: bool = True,
+    require_cell: bool = True,
 ) -> Data:
     """One ASE ``Atoms`` as an OC20-style PyG ``Data`` (see module docstring for the fields).
 
-    ``source`` (e.g. ``"relax.traj, frame 3"``) names the structure in errors.
+    ``source`` (e.g. ``"relax.traj, frame 3"``) names the structure in errors. For
+    inference, ``require_labels=False`` leaves missing energy/forces out instead of failing,
+    and ``require_cell=False`` accepts a cell that is singular along non-periodic directions
+    (molecules without a cell, slabs without a vacuum vector), which the graph builder handles.
     """
     from ase.constraints import FixAtoms
 
@@ -93,7 +99,7 @@ def atoms_to_data(
     if natoms == 0:
         raise ConversionError(f"{source}: structure has no atoms")
     cell = np.asarray(atoms.cell.array, dtype=np.float64)
-    if abs(np.linalg.det(cell)) < 1e-8:
+    if abs(np.linalg.det(cell)) < 1e-8 and (require_cell or bool(np.all(atoms.pbc))):
         raise ConversionError(
             f"{source}: cell is degenerate ({cell.tolist()}); eSCN's periodic graph needs a full 3D cell "
             "(for a molecule or slab set one, e.g. atoms.center(vacuum=10))"
@@ -104,17 +110,18 @@ def atoms_to_data(
     forces = _calculator_result(atoms, "forces")
     if forces is None:
         forces = atoms.arrays.get(label_keys.forces)
-    if energy is None:
+    if energy is None and require_labels:
         raise ConversionError(
             f"{source}: no energy (looked in the attached calculator and atoms.info['{label_keys.energy}'])"
         )
-    if forces is None:
+    if forces is None and require_labels:
         raise ConversionError(
             f"{source}: no forces (looked in the attached calculator and atoms.arrays['{label_keys.forces}'])"
         )
-    forces = np.asarray(forces, dtype=np.float32)
-    if forces.shape != (natoms, 3):
-        raise ConversionError(f"{source}: forces have shape {forces.shape}, expected ({natoms}, 3)")
+    if forces is not None:
+        forces = np.asarray(forces, dtype=np.float32)
+        if forces.shape != (natoms, 3):
+            raise ConversionError(f"{source}: forces have shape {forces.shape}, expected ({natoms}, 3)")
 
     fixed = np.zeros(natoms, dtype=np.int64)
     for constraint in atoms.constraints:
@@ -126,8 +133,8 @@ def atoms_to_data(
         cell=torch.tensor(cell, dtype=torch.float32).view(1, 3, 3),
         atomic_numbers=torch.tensor(atoms.get_atomic_numbers(), dtype=torch.long),
         natoms=natoms,
-        energy=float(energy),
-        forces=torch.from_numpy(forces),
+        energy=None if energy is None else float(energy),  # None: not stored (unlabelled input)
+        forces=None if forces is None else torch.from_numpy(forces),
         tags=torch.tensor(atoms.get_tags(), dtype=torch.long),
         fixed=torch.from_numpy(fixed),
         sid=sid,
