@@ -334,44 +334,79 @@ def convert_checkpoint(checkpoint: Mapping[str, Any], source: str = "checkpoint"
     potential = ESCNPotential(model, element_references=element_refs, **normalizers)
 
     ema_weights = _ema_weights(checkpoint, reference_keys, model, source)
-    state_dict = {f"potential.{k}": v.detach().clone() for k, v in potential.state_dict().items()}
+    averaged = None
     if ema_weights is not None and use_ema:
         averaged = copy.deepcopy(potential)
         averaged.model.load_state_dict(ema_weights, strict=False)
-        state_dict.update({f"ema.module.{k}": v.detach().clone() for k, v in averaged.state_dict().items()})
-        state_dict["ema.num_updates"] = torch.tensor(int(checkpoint["ema"].get("num_updates") or 0))
         ema_note = "EMA weights kept (used by default; load with use_ema=False for the raw weights)"
-        ema_hparams: dict[str, Any] | None = {"decay": float(checkpoint["ema"].get("decay") or 0.999), "warmup": False}
     else:
-        ema_hparams = None
         ema_note = "no EMA in the checkpoint" if ema_weights is None else "EMA present but not kept (--no-ema)"
-
-    refs_list = potential.element_references.tolist() if element_refs is not None else None
-    normalizer_values = {**normalizers, "element_references": refs_list}
+    ema_state = checkpoint.get("ema") or {}
     carried = {"state_dict", "config", "normalizers", "ema", "elementrefs", "epoch", "step"}
     not_carried = sorted(k for k in checkpoint if k not in carried and checkpoint[k] is not None)
+    converted = potential_checkpoint(
+        potential,
+        model_kwargs,
+        ema_potential=averaged,
+        ema_decay=float(ema_state.get("decay") or 0.999),
+        ema_updates=int(ema_state.get("num_updates") or 0),
+        element_references=element_refs is not None,
+        epoch=int(checkpoint.get("epoch") or 0),
+        global_step=int(checkpoint.get("step") or 0),
+    )
+    converted["converted_from"] = {
+        "source": str(source),
+        "model_name": name,
+        "reference_kwargs": _plain(reference_kwargs),
+        "dropped_kwargs": dropped_kwargs,
+        "normalizers": normalizer_note,
+        "element_references": "from elementrefs" if element_refs is not None else "none",
+        "ema": ema_note,
+        "not_carried": not_carried,
+    }
+    converted["reference_config"] = _plain(checkpoint["config"])
+    return converted
+
+
+def potential_checkpoint(
+    potential: ESCNPotential,
+    model_kwargs: Mapping[str, Any],
+    ema_potential: ESCNPotential | None = None,
+    ema_decay: float = 0.999,
+    ema_updates: int = 0,
+    element_references: bool = True,
+    epoch: int = 0,
+    global_step: int = 0,
+) -> dict[str, Any]:
+    """An escn-train checkpoint dict for a potential (and optionally its EMA copy).
+
+    The layout is the one training writes (``hyper_parameters``, ``state_dict`` with
+    ``potential.*``/``ema.module.*``, ``normalizers``), so ``load_potential``, the inference
+    tools and ``train.py init_from=...`` read it. ``model_kwargs`` are the eSCN arguments.
+    """
+    normalizers = {
+        "energy_mean": float(potential.energy_mean),
+        "energy_std": float(potential.energy_std),
+        "force_std": float(potential.force_std),
+    }
+    refs = potential.element_references.tolist() if element_references else None
+    state_dict = {f"potential.{k}": v.detach().cpu().clone() for k, v in potential.state_dict().items()}
+    ema_hparams = None
+    if ema_potential is not None:
+        state_dict.update({f"ema.module.{k}": v.detach().cpu().clone() for k, v in ema_potential.state_dict().items()})
+        state_dict["ema.num_updates"] = torch.tensor(int(ema_updates))
+        ema_hparams = {"decay": float(ema_decay), "warmup": False}
     return {
-        "epoch": int(checkpoint.get("epoch") or 0),
-        "global_step": int(checkpoint.get("step") or 0),
+        "epoch": int(epoch),
+        "global_step": int(global_step),
         "pytorch-lightning_version": _lightning_version(),
         "hyper_parameters": {
-            "model": model_kwargs,
-            "normalizer": {**normalizers, "element_references": refs_list if refs_list is not None else False},
+            "model": dict(model_kwargs),
+            "normalizer": {**normalizers, "element_references": refs if refs is not None else False},
             "ema": ema_hparams,
         },
         "state_dict": state_dict,
-        "normalizers": normalizer_values,
-        "converted_from": {
-            "source": str(source),
-            "model_name": name,
-            "reference_kwargs": _plain(reference_kwargs),
-            "dropped_kwargs": dropped_kwargs,
-            "normalizers": normalizer_note,
-            "element_references": "from elementrefs" if element_refs is not None else "none",
-            "ema": ema_note,
-            "not_carried": not_carried,
-        },
-        "reference_config": _plain(checkpoint["config"]),
+        "normalizers": {**normalizers, "element_references": refs},
     }
 
 
