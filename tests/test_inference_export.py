@@ -1,0 +1,195 @@
+"""escn-export: torch.export programs and AOTInductor packages of ESCNPotential.
+
+Each file is loaded in a fresh interpreter that imports only torch, escn_train.graph and
+the loader (no Lightning, e3nn, PyG or model code) and must reproduce the eager
+potential on batches of several sizes: one atom, one structure, many structures,
+molecules without a cell, slabs, and a structure without any edge.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from ase import Atoms
+from ase.build import bulk, fcc111, molecule
+from reference_fixtures import build_model, fixture_batch, frame_tolerance, load_fixture
+
+from escn_train.data.collate import collate_structures
+from escn_train.data.convert import atoms_to_data
+from escn_train.inference.export import main
+from escn_train.inference.loading import METADATA_KEY, aoti_package_metadata, load_predictor
+from escn_train.inference.reference_checkpoint import potential_checkpoint
+from escn_train.models.potential import ESCNPotential
+
+NAME = "tiny_l2m1"
+ENERGY_MEAN, ENERGY_STD, FORCE_STD = -0.75, 2.5, 40.0
+
+LOADER_SCRIPT = r"""
+import json, sys
+from types import SimpleNamespace
+import torch
+from escn_train.inference.loading import load_predictor
+
+predictor = load_predictor(sys.argv[1], "cpu")
+results = []
+for case in torch.load(sys.argv[2], weights_only=True):
+    energy, forces = predictor.predict(SimpleNamespace(**case["batch"]))
+    results.append({
+        "energy": (energy - case["energy"]).abs().max().item(),
+        "forces": (forces - case["forces"]).abs().max().item(),
+        "energy_scale": case["energy"].abs().max().item(),
+        "forces_scale": case["forces"].abs().max().item(),
+    })
+heavy = ("lightning", "pytorch_lightning", "hydra", "e3nn", "torch_geometric", "ase")
+loaded = sorted(m for m in sys.modules if m.split(".")[0] in heavy
+                or m.startswith(("escn_train.models", "escn_train.training", "escn_train.data")))
+print(json.dumps({"kind": predictor.kind, "info": predictor.info.model, "results": results, "loaded": loaded}))
+"""
+
+
+def potential() -> ESCNPotential:
+    refs = torch.zeros(90)
+    refs[[1, 6, 8, 29, 47, 78]] = torch.tensor([-3.4, -7.2, -4.9, -3.7, -2.8, -6.1])
+    return ESCNPotential(build_model(NAME), ENERGY_MEAN, ENERGY_STD, FORCE_STD, refs).eval()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """EMA copy = the fixture's weights; raw weights perturbed (the export must use the EMA)."""
+    averaged = potential()
+    raw = potential()
+    with torch.no_grad():
+        for p in raw.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    path = tmp_path_factory.mktemp("export") / "model.ckpt"
+    torch.save(potential_checkpoint(raw, load_fixture(NAME)["config"], ema_potential=averaged), path)
+    return path
+
+
+def _atoms_batch(structures: list[Atoms]):
+    return collate_structures(
+        [atoms_to_data(a, i, 0, "test", require_labels=False, require_cell=False) for i, a in enumerate(structures)]
+    )
+
+
+def _cases() -> list:
+    """Batches of several sizes (one atom; one, two, four and six structures; a molecule
+    without a cell with an in-plane periodic slab), with the eager potential's predictions."""
+    slab = fcc111("Cu", (2, 2, 3), vacuum=None)
+    slab.pbc, slab.cell[2] = [True, True, False], [0.0, 0.0, 0.0]
+    batches = [fixture_batch(NAME, s) for s in ([1], [2, 3], [0, 1, 2, 3], [0, 2, 0, 2, 0, 2])]
+    batches += [_atoms_batch([bulk("Cu")]), _atoms_batch([molecule("CH3CH2OH"), slab])]
+    model = potential()
+    cases = []
+    for batch in batches:
+        with torch.no_grad():
+            out = model.forward_trainable(batch)
+        fields = {k: getattr(batch, k) for k in ("pos", "cell", "natoms", "atomic_numbers", "batch")}
+        if getattr(batch, "pbc", None) is not None:
+            fields["pbc"] = batch.pbc
+        cases.append({"batch": fields, "energy": out["energy"], "forces": out["forces"]})
+    return cases
+
+
+def run_loader(path: Path, tmp_path: Path, cases: list) -> dict:
+    cases_file = tmp_path / "cases.pt"
+    torch.save(cases, cases_file)
+    result = subprocess.run(
+        [sys.executable, "-c", LOADER_SCRIPT, str(path), str(cases_file)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_exported_program_reproduces_eager_without_training_code(checkpoint, tmp_path, capsys):
+    assert main([str(checkpoint), "-o", str(tmp_path / "escn"), "--format", "export", "--device", "cpu"]) == 0
+    assert "agreement with the eager model" in capsys.readouterr().out
+    path = tmp_path / "escn.pt2"
+    extra = {METADATA_KEY: ""}
+    torch.export.load(str(path), extra_files=extra)
+    meta = json.loads(extra[METADATA_KEY])
+    config = load_fixture(NAME)["config"]
+    assert meta["artifact"] == "exported_program" and meta["weights"] == "ema"
+    assert (meta["cutoff"], meta["max_neighbors"], meta["max_num_elements"]) == (6.0, 20, 90)
+    assert all(meta["model"][k] == v for k, v in config.items())
+    assert meta["normalizers"]["energy_std"] == pytest.approx(ENERGY_STD)
+    assert meta["normalizers"]["element_references"][29] == pytest.approx(-3.7)
+
+    cases = _cases()
+    out = run_loader(path, tmp_path, cases)
+    assert out["kind"] == "exported_program" and out["loaded"] == []
+    assert len(out["results"]) == len(cases) == 6
+    for r in out["results"]:
+        assert r["energy"] <= 1e-5 * r["energy_scale"]
+        assert r["forces"] <= 1e-5 * r["forces_scale"]
+
+
+def test_structures_without_edges_are_predicted(checkpoint, tmp_path):
+    """The network cannot run on a graph without edges; the predictor pads with a throw-away
+    structure. An edge-free structure gets the same prediction alone and next to others."""
+    assert main([str(checkpoint), "-o", str(tmp_path / "escn"), "--format", "export", "--device", "cpu", "--no-check"]) == 0
+    lonely = Atoms("CuO", positions=[[0, 0, 0], [0, 0, 9.0]])
+    for predictor in (load_predictor(checkpoint, "cpu"), load_predictor(tmp_path / "escn.pt2", "cpu")):
+        alone_e, alone_f = predictor.predict(_atoms_batch([lonely]))
+        both_e, both_f = predictor.predict(_atoms_batch([lonely, bulk("Cu")]))
+        assert alone_e.shape == (1,) and alone_f.shape == (2, 3)
+        torch.testing.assert_close(alone_e, both_e[:1])
+        torch.testing.assert_close(alone_f, both_f[:2])
+
+
+def test_metadata_is_required(tmp_path):
+    class Tiny(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * 2
+
+    plain = tmp_path / "plain.pt2"
+    torch.export.save(torch.export.export(Tiny(), (torch.ones(3),)), str(plain))
+    with pytest.raises(ValueError, match=r"plain\.pt2: torch\.export program without 'escn_train\.json'"):
+        load_predictor(plain, "cpu")
+    text = tmp_path / "notes.pt2"
+    text.write_text("not a model")
+    with pytest.raises(ValueError, match="notes.pt2: cannot be read as a checkpoint"):
+        load_predictor(text, "cpu")
+
+
+@pytest.fixture(scope="module")
+def aoti_package(checkpoint, tmp_path_factory) -> Path:
+    """One AOTInductor build for this module (~20 s on two cores)."""
+    output = tmp_path_factory.mktemp("aoti") / "escn"
+    assert main([str(checkpoint), "-o", str(output), "--format", "aoti", "--device", "cpu", "--no-check"]) == 0
+    return output.with_name("escn.aoti.pt2")
+
+
+@pytest.mark.slow
+def test_aoti_package_reproduces_eager_without_training_code(aoti_package, tmp_path):
+    meta = aoti_package_metadata(aoti_package)
+    assert meta["AOTI_DEVICE_KEY"] == "cpu"
+    assert json.loads(meta[METADATA_KEY])["max_neighbors"] == 20
+    with zipfile.ZipFile(aoti_package) as archive:
+        assert any(n.endswith(".so") for n in archive.namelist())
+
+    cases = _cases()
+    out = run_loader(aoti_package, tmp_path, cases)
+    assert out["kind"] == "aoti_package" and out["loaded"] == []
+    fixture = load_fixture(NAME)
+    # Compiled kernels reorder float32 sums: the fixture's intrinsic round-off bound (as in
+    # test_model_export), in physical units, plus float32 rounding of the energy offsets.
+    for r in out["results"]:
+        assert r["energy"] <= frame_tolerance(fixture, "energy") * ENERGY_STD + 2e-6 * r["energy_scale"]
+        assert r["forces"] <= frame_tolerance(fixture, "forces") * FORCE_STD
+
+
+@pytest.mark.slow
+def test_aoti_package_on_an_unavailable_device_is_a_clear_error(aoti_package):
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA to request an unavailable device")
+    with pytest.raises(RuntimeError, match="CUDA is not available"):
+        load_predictor(aoti_package, "cuda")
