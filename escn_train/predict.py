@@ -243,6 +243,8 @@ def predict_files(
     fixed: list[np.ndarray] = []
     writer = None
     if extxyz is not None:
+        import ase.io
+
         Path(extxyz).parent.mkdir(parents=True, exist_ok=True)
         writer = open(extxyz, "w")
     started = time.perf_counter()
@@ -259,8 +261,6 @@ def predict_files(
                     fixed.append(structure.data.fixed.numpy())
                     num_atoms += f.shape[0]
                     if writer is not None:
-                        import ase.io
-
                         ase.io.write(writer, structure_atoms(structure, e, f), format="extxyz")
                 bar.update(len(group))
     finally:

@@ -132,6 +132,16 @@ def test_ema_weights_are_used_and_can_be_skipped(tmp_path):
     assert not any(k.startswith("ema.") for k in state)
 
 
+@pytest.mark.parametrize("layout", ["state_dict", "state_dict_main_layout"])
+def test_trainable_parameters_are_registered_in_the_reference_order(layout):
+    """fairchem's EMA list follows the reference's trainable parameters in registration
+    order, i.e. their order among the reference state_dict keys; this eSCN registers them
+    in the same order, in both reference layouts."""
+    fixture = load_fixture("tiny_l2m1")
+    ours = [n for n, p in eSCN(**fixture["config"]).named_parameters() if p.requires_grad]
+    assert [k for k in fixture[layout] if k in set(ours)] == ours
+
+
 def test_shadow_params_in_another_order_are_refused():
     reference = reference_checkpoint("tiny_l2m1", ema_noise=0.0)
     reference["ema"]["shadow_params"] = reference["ema"]["shadow_params"][::-1]
