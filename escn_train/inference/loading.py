@@ -105,7 +105,7 @@ def info_from_metadata(text: str, path: str | os.PathLike, kind: str) -> ModelIn
     ]
     if missing:
         raise ValueError(f"{path}: metadata lacks {missing}")
-    known = {"model", "normalizers", "weights", "source"}
+    known = {"model", "normalizers", "weights"}  # extra keeps e.g. the source checkpoint
     return ModelInfo(
         model=meta["model"],
         normalizers=meta["normalizers"],
