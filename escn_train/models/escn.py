@@ -311,8 +311,9 @@ class eSCN(nn.Module):  # noqa: N801 - the reference's public name
             device=atomic_numbers.device,
         )
         x[:, 0, :] = self.sphere_embedding(atomic_numbers)
+        expanded_distance = self.distance_expansion(edge_distance)  # shared by every layer
         for i, layer in enumerate(self.layer_blocks):
-            update = layer(x, atomic_numbers, edge_distance, edge_index, wigner)
+            update = layer(x, atomic_numbers, edge_distance, edge_index, wigner, expanded_distance=expanded_distance)
             x = update if i == 0 else x + update
         return x
 
@@ -390,19 +391,6 @@ def _accept_reference_layout(
 # ---------------------------------------------------------------------------------------
 
 
-def _rotation_blocks(lmax: int, mmax: int) -> list[tuple[slice, slice, slice]]:
-    """For each degree l: its full-layout slice, the rows kept (|m| <= mmax) within that
-    block, and the slice those rows occupy in the reduced layout."""
-    blocks = []
-    reduced_start = 0
-    for l in range(lmax + 1):
-        m = min(l, mmax)
-        rows = slice(l - m, l + m + 1)
-        blocks.append((slice(l * l, (l + 1) ** 2), rows, slice(reduced_start, reduced_start + 2 * m + 1)))
-        reduced_start += 2 * m + 1
-    return blocks
-
-
 class LayerBlock(nn.Module):
     """One message-passing layer: messages, then a pointwise MLP on the S2 grid."""
 
@@ -449,8 +437,13 @@ class LayerBlock(nn.Module):
         edge_distance: torch.Tensor,
         edge_index: torch.Tensor,
         wigner: torch.Tensor,
+        expanded_distance: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x_message = self.message_block(x, atomic_numbers, edge_distance, edge_index, wigner)
+        """``expanded_distance``: the distance expansion of ``edge_distance`` when the caller
+        already has it (it is the same for every layer)."""
+        x_message = self.message_block(
+            x, atomic_numbers, edge_distance, edge_index, wigner, expanded_distance=expanded_distance
+        )
         grid = self.SO3_grid["lmax_lmax"]
         with _float32_region(x):
             x_grid = torch.cat([grid.to_grid_flat(_float32(x)), grid.to_grid_flat(_float32(x_message))], dim=-1)
@@ -488,25 +481,19 @@ class MessageBlock(nn.Module):
         self.mmax = mmax
         self.edge_channels = edge_channels
         self.register_buffer("out_mask", coefficient_idx(lmax, mmax), persistent=False)
-        self._blocks = _rotation_blocks(lmax, mmax)
         self.edge_block = EdgeBlock(edge_channels, distance_expansion, max_num_elements, act)
         self.so2_block_source = SO2Block(sphere_channels, hidden_channels, edge_channels, lmax, mmax, act)
         self.so2_block_target = SO2Block(sphere_channels, hidden_channels, edge_channels, lmax, mmax, act)
 
-    def _rotate(self, wigner: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """wigner[:, out_mask, :] @ x, one degree at a time (the off-diagonal blocks are zero)."""
-        parts = [
-            torch.bmm(wigner[:, full, full][:, rows], x[:, full]) for full, rows, _ in self._blocks
-        ]
-        return torch.cat(parts, dim=1)
-
-    def _rotate_back(self, wigner: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """wigner^T[:, :, out_mask] @ y, one degree at a time."""
-        parts = [
-            torch.bmm(wigner[:, full, full][:, rows].transpose(1, 2), y[:, reduced])
-            for full, rows, reduced in self._blocks
-        ]
-        return torch.cat(parts, dim=1)
+        # Everything between the two rotations works in the m-major order of the reduced
+        # layout, so no permutation is ever applied: the rotation writes its rows in that
+        # order and the grid matrices read them in that order.
+        to_m = self.so2_block_source.mappingReduced.to_m_index
+        self.register_buffer("rotation_rows", self.out_mask[to_m], persistent=False)
+        grid = SO3_grid["lmax_mmax"]
+        self.register_buffer("grid_to", grid.to_grid_mat.flatten(0, 1)[:, to_m].contiguous(), persistent=False)
+        self.register_buffer("grid_from", grid.from_grid_mat.flatten(0, 1)[:, to_m].t().contiguous(), persistent=False)
+        self.m_size = list(self.so2_block_source.mappingReduced.m_size)
 
     def forward(
         self,
@@ -515,20 +502,75 @@ class MessageBlock(nn.Module):
         edge_distance: torch.Tensor,
         edge_index: torch.Tensor,
         wigner: torch.Tensor,
+        expanded_distance: torch.Tensor | None = None,
     ) -> torch.Tensor:
         source, target = edge_index[0], edge_index[1]
-        x_edge = self.edge_block(edge_distance, atomic_numbers[source], atomic_numbers[target])
+        x_edge = self.edge_block(
+            edge_distance, atomic_numbers[source], atomic_numbers[target], expanded_distance=expanded_distance
+        )
+        # Rows of the (reduced, m-major) rotation: wigner[:, out_mask, :] reordered.
+        rotation = wigner.index_select(1, self.rotation_rows)
         with _float32_region(x):
-            x_source = self._rotate(wigner, _float32(x[source]))
-            x_target = self._rotate(wigner, _float32(x[target]))
-        y = self.so2_block_source(x_source, x_edge) + self.so2_block_target(x_target, x_edge)
-        grid = self.SO3_grid["lmax_mmax"]
+            x = _float32(x)
+            rotated_source = torch.bmm(rotation, x[source])
+            rotated_target = torch.bmm(rotation, x[target])
+        y = self._so2_sum(rotated_source, rotated_target, x_edge)
         with _float32_region(y):
             y = _float32(y)
-            y = grid.from_grid_flat(self.act(grid.to_grid_flat(y)))
-            y = self._rotate_back(wigner, y)
+            y = torch.matmul(self.grid_from, self.act(torch.matmul(self.grid_to, y)))
+            y = torch.bmm(rotation.transpose(1, 2), y)
         out = torch.zeros(x.shape[0], y.shape[1], y.shape[2], dtype=y.dtype, device=y.device)
         return out.index_add(0, target, y)
+
+    def _so2_sum(self, rotated_source: torch.Tensor, rotated_target: torch.Tensor, x_edge: torch.Tensor) -> torch.Tensor:
+        """so2_block_source(source) + so2_block_target(target), m-major in and out.
+
+        The same computation as the two SO2Blocks, with their matrices concatenated so
+        that each stage is one matrix product: all edge gates at once; the real and
+        imaginary first layers at once; the second layers of both parts and both blocks at
+        once, which also performs the source + target sum. Tensors are cut with
+        split/unbind, whose backward is one concatenation (slicing would zero-fill).
+        """
+        num_edges = x_edge.shape[0]
+        channels = self.sphere_channels
+        hidden = self.hidden_channels
+        blocks = (self.so2_block_source, self.so2_block_target)
+        gate_weights, gate_biases = [], []
+        for block in blocks:
+            gate_weights += [block.fc1_dist0.weight] + [conv.fc1_dist.weight for conv in block.so2_conv]
+            gate_biases += [block.fc1_dist0.bias] + [conv.fc1_dist.bias for conv in block.so2_conv]
+        gates = self.act(nn.functional.linear(x_edge, torch.cat(gate_weights), torch.cat(gate_biases)))
+        gate_sizes = ([hidden] + [2 * hidden] * self.mmax) * 2
+        gates_by_block = (gates.split(gate_sizes, dim=1)[: 1 + self.mmax], gates.split(gate_sizes, dim=1)[1 + self.mmax :])
+        row_sizes = [self.m_size[0]] + [2 * size for size in self.m_size[1:]]
+        pieces_by_block = (rotated_source.split(row_sizes, dim=1), rotated_target.split(row_sizes, dim=1))
+
+        # m = 0: one real linear map per block, gated.
+        hidden0 = [
+            torch.matmul(pieces[0].reshape(num_edges, -1), block.fc1_m0.weight.t()) * gate[0]
+            for pieces, block, gate in zip(pieces_by_block, blocks, gates_by_block)
+        ]
+        second0 = torch.cat([b.fc2_m0.weight for b in blocks], dim=1)
+        parts = [torch.matmul(torch.cat(hidden0, dim=-1), second0.t()).view(num_edges, row_sizes[0], channels)]
+
+        for m in range(1, self.mmax + 1):
+            mixed = []
+            for pieces, block, gate in zip(pieces_by_block, blocks, gates_by_block):
+                conv = block.so2_conv[m - 1]
+                x_m = pieces[m].reshape(num_edges, 2, -1)  # (+m row, -m row)
+                h = torch.matmul(x_m, torch.cat([conv.fc1_r.weight, conv.fc1_i.weight]).t())
+                h_r, h_i = h.split(hidden, dim=-1)
+                g_r, g_i = gate[m].view(num_edges, 2, hidden).unbind(1)
+                h_r = h_r * g_r.unsqueeze(1)
+                i_plus, i_minus = (h_i * g_i.unsqueeze(1)).unbind(1)
+                # Output rows: (r[+m] - i[-m], r[-m] + i[+m]).
+                mixed += [h_r, torch.stack([-i_minus, i_plus], dim=1)]
+            second = torch.cat(
+                [w for b in blocks for w in (b.so2_conv[m - 1].fc2_r.weight, b.so2_conv[m - 1].fc2_i.weight)], dim=1
+            )
+            out_m = torch.matmul(torch.cat(mixed, dim=-1), second.t())
+            parts.append(out_m.view(num_edges, row_sizes[m], channels))
+        return torch.cat(parts, dim=1)
 
 
 class SO2Block(nn.Module):
@@ -627,9 +669,15 @@ class EdgeBlock(nn.Module):
         self.fc1_edge_attr = nn.Linear(edge_channels, edge_channels)
 
     def forward(
-        self, edge_distance: torch.Tensor, source_element: torch.Tensor, target_element: torch.Tensor
+        self,
+        edge_distance: torch.Tensor,
+        source_element: torch.Tensor,
+        target_element: torch.Tensor,
+        expanded_distance: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x_dist = self.fc1_dist(self.distance_expansion(edge_distance))
+        if expanded_distance is None:
+            expanded_distance = self.distance_expansion(edge_distance)
+        x_dist = self.fc1_dist(expanded_distance)
         x_edge = self.act(self.source_embedding(source_element) + self.target_embedding(target_element) + x_dist)
         return self.act(self.fc1_edge_attr(x_edge))
 
