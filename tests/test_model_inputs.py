@@ -82,3 +82,18 @@ def test_calling_convention_follows_the_export_flag():
     assert isinstance(out, dict) and out["energy"].shape == (4,) and out["forces"].shape == (38, 3)
     energy, forces = build_model(NAME, export=True)(*_args())
     assert energy.shape == (4,) and forces.shape == (38, 3)
+
+
+def test_structures_without_edges_get_zero_messages():
+    """An isolated atom (no neighbour within the cutoff) still gets a prediction."""
+    from torch_geometric.data import Data
+
+    model = build_model(NAME)
+    lone = Data(
+        pos=torch.zeros(1, 3), cell=torch.zeros(1, 3, 3), atomic_numbers=torch.tensor([29]),
+        natoms=torch.tensor([1]), batch=torch.zeros(1, dtype=torch.long), pbc=torch.zeros(1, 3, dtype=torch.bool),
+    )
+    with torch.no_grad():
+        out = model(lone)
+    assert out["energy"].shape == (1,) and out["forces"].shape == (1, 3)
+    assert torch.isfinite(out["energy"]).all() and torch.isfinite(out["forces"]).all()

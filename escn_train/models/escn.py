@@ -547,7 +547,7 @@ class MessageBlock(nn.Module):
 
         # m = 0: one real linear map per block, gated.
         hidden0 = [
-            torch.matmul(pieces[0].reshape(num_edges, -1), block.fc1_m0.weight.t()) * gate[0]
+            torch.matmul(pieces[0].reshape(num_edges, row_sizes[0] * channels), block.fc1_m0.weight.t()) * gate[0]
             for pieces, block, gate in zip(pieces_by_block, blocks, gates_by_block)
         ]
         second0 = torch.cat([b.fc2_m0.weight for b in blocks], dim=1)
@@ -557,7 +557,7 @@ class MessageBlock(nn.Module):
             mixed = []
             for pieces, block, gate in zip(pieces_by_block, blocks, gates_by_block):
                 conv = block.so2_conv[m - 1]
-                x_m = pieces[m].reshape(num_edges, 2, -1)  # (+m row, -m row)
+                x_m = pieces[m].reshape(num_edges, 2, self.m_size[m] * channels)  # (+m row, -m row)
                 h = torch.matmul(x_m, torch.cat([conv.fc1_r.weight, conv.fc1_i.weight]).t())
                 h_r, h_i = h.split(hidden, dim=-1)
                 g_r, g_i = gate[m].view(num_edges, 2, hidden).unbind(1)
@@ -605,13 +605,13 @@ class SO2Block(nn.Module):
         num_edges = x.shape[0]
         m_size = self.mappingReduced.m_size
         x = x.index_select(1, self.mappingReduced.to_m_index)
-        x_0 = x[:, : m_size[0]].reshape(num_edges, -1)
+        x_0 = x[:, : m_size[0]].reshape(num_edges, m_size[0] * self.sphere_channels)
         x_0 = self.fc1_m0(x_0) * self.act(self.fc1_dist0(x_edge))
         parts = [self.fc2_m0(x_0).view(num_edges, -1, self.sphere_channels)]
         offset = m_size[0]
         for m, conv in enumerate(self.so2_conv, start=1):
             width = 2 * m_size[m]
-            x_m = x[:, offset : offset + width].reshape(num_edges, 2, -1)
+            x_m = x[:, offset : offset + width].reshape(num_edges, 2, m_size[m] * self.sphere_channels)
             parts.append(conv(x_m, x_edge).view(num_edges, -1, self.sphere_channels))
             offset += width
         out = torch.cat(parts, dim=1)
