@@ -512,8 +512,8 @@ class MessageBlock(nn.Module):
         rotation = wigner.index_select(1, self.rotation_rows)
         with _float32_region(x):
             x = _float32(x)
-            rotated_source = torch.bmm(rotation, x[source])
-            rotated_target = torch.bmm(rotation, x[target])
+            rotated_source = torch.bmm(rotation, x.index_select(0, source))
+            rotated_target = torch.bmm(rotation, x.index_select(0, target))
         y = self._so2_sum(rotated_source, rotated_target, x_edge)
         with _float32_region(y):
             y = _float32(y)
