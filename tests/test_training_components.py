@@ -173,3 +173,16 @@ def test_check_config_names_key(override, key):
     cfg.update(override)
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         check_config(cfg)
+
+
+def test_energy_scale_keeps_physical_units():
+    module = PotentialModule(
+        model=TINY, normalizer={"energy_mean": 1.0, "energy_std": 2.0, "force_std": 1.0, "energy_scale": 1000.0}
+    )
+    assert float(module.potential.energy_std) == pytest.approx(2000.0)
+    values = module.normalizer_values()
+    assert values["energy_std"] == pytest.approx(2.0) and values["energy_scale"] == 1000.0
+    z, batch = torch.tensor([1, 1]), torch.tensor([0, 0])
+    e_n, _ = module.potential.normalize_targets(torch.tensor([5.0]), torch.zeros(2, 3), z, batch)
+    assert e_n.item() == pytest.approx((5.0 - 1.0) / 2000.0)  # the network's unit
+    assert (e_n * module.energy_scale).item() == pytest.approx(2.0)  # the loss's unit: data std

@@ -7,7 +7,8 @@ A checkpoint is a Lightning checkpoint (``torch.save`` dict) with plain contents
   (``model`` = eSCN kwargs, ``loss``, ``optimizer``, ``scheduler``, ``normalizer``, ``ema``);
 * ``state_dict``: ``potential.*`` (trained weights and normaliser buffers),
   ``ema.module.*`` (the EMA copy, when enabled), metric states;
-* ``normalizers``: energy mean/std, force std, element references (plain numbers);
+* ``normalizers``: energy mean/std (eV), force std, element references, ``energy_scale``
+  (the ``potential.energy_std`` buffer holds ``energy_std · energy_scale``);
 * ``config``: the resolved run configuration (plain dict), ``run_info`` (e.g. wandb id),
   ``rng_states``, plus Lightning's ``optimizer_states``, ``lr_schedulers``, ``loops``,
   ``callbacks``, ``epoch``, ``global_step``.
@@ -83,6 +84,12 @@ def init_module_from_checkpoint(module: torch.nn.Module, path: str | os.PathLike
             raise ValueError(
                 f"init_from={path}: model.{key} is {current.get(key)!r} here but {saved.get(key)!r} in the checkpoint"
             )
+    saved_scale = float((checkpoint.get("normalizers") or {}).get("energy_scale", 1.0))
+    if saved_scale != module.energy_scale:
+        raise ValueError(
+            f"init_from={path}: normalizer.energy_scale is {module.energy_scale} here but {saved_scale} in the "
+            "checkpoint; set normalizer.energy_scale to match"
+        )
     state = potential_state_dict(checkpoint, use_ema)
     module.potential.load_state_dict(state, strict=True)
     if module.ema is not None:

@@ -28,7 +28,9 @@ from escn_train.training.losses import EnergyForceLoss
 from escn_train.training.metrics import EnergyForceMetrics
 from escn_train.training.optim import build_optimizer, build_scheduler
 
-NORMALIZER_KEYS = ("energy_mean", "energy_std", "force_std", "element_references", "force_std_free_atoms")
+NORMALIZER_KEYS = (
+    "energy_mean", "energy_std", "force_std", "element_references", "force_std_free_atoms", "energy_scale",
+)
 SPLITS = ("train", "val", "test")
 
 
@@ -67,9 +69,18 @@ class PotentialModule(L.LightningModule):
         loss: see :class:`~escn_train.training.losses.EnergyForceLoss`.
         optimizer: see :func:`~escn_train.training.optim.build_optimizer`.
         scheduler: see :func:`~escn_train.training.optim.build_scheduler` (None: constant LR).
-        normalizer: ``energy_mean``, ``energy_std``, ``force_std`` (numbers, or None to fit
-            them on the train split), ``element_references`` (bool: fit per-element linear
-            reference energies), ``force_std_free_atoms`` (bool).
+        normalizer: ``energy_mean``, ``energy_std``, ``force_std`` (numbers in eV, eV/Å, or
+            None to fit them on the train split), ``element_references`` (bool: fit
+            per-element linear reference energies, or an explicit list), ``force_std_free_atoms``
+            (bool), ``energy_scale`` (see below).
+
+    ``energy_scale`` s: the eSCN readout multiplies the summed atom energies by 0.001 (the
+    reference's choice), so with s = 1 a normalised target of order 1 needs atom energies of
+    order 1000 and the energy head learns very slowly. With s = 1000 the potential's
+    ``energy_std`` buffer holds s·std (the network's energy unit), the atom energies are of
+    order 1, and the energy loss is taken on ``s × network energy`` so it still measures
+    errors in units of the data std (loss coefficients keep their meaning). Published
+    recipes use s = 1.
         ema: ``{"decay": 0.999, "warmup": true}`` or None / ``{"decay": null}`` for no EMA.
         metrics_on_free_atoms: force metrics over free atoms only (``fixed == 0``).
         train_metrics: also track the metrics on training batches (cheap, physical units).
@@ -94,6 +105,9 @@ class PotentialModule(L.LightningModule):
         if unknown:
             raise ValueError(f"normalizer: unknown keys {sorted(unknown)}; allowed: {list(NORMALIZER_KEYS)}")
         self.normalizer_config = normalizer
+        self.energy_scale = float(normalizer.get("energy_scale") or 1.0)
+        if self.energy_scale <= 0:
+            raise ValueError(f"normalizer.energy_scale: must be positive, got {self.energy_scale}")
         self.optimizer_config = dict(optimizer or {"name": "adamw", "lr": 1e-3})
         self.scheduler_config = dict(scheduler) if scheduler else None
         self.potential = ESCNPotential(eSCN(**dict(model)))
@@ -128,7 +142,7 @@ class PotentialModule(L.LightningModule):
         """Write normaliser values into the potential's (and the EMA copy's) buffers."""
         pot = self.potential
         pot.energy_mean.fill_(float(values["energy_mean"]))
-        pot.energy_std.fill_(float(values["energy_std"]))
+        pot.energy_std.fill_(float(values["energy_std"]) * self.energy_scale)
         pot.force_std.fill_(float(values["force_std"]))
         pot.element_references.zero_()
         refs = values.get("element_references")
@@ -141,11 +155,12 @@ class PotentialModule(L.LightningModule):
         self.normalizers_ready = True
 
     def normalizer_values(self) -> dict[str, Any]:
-        """The current normalisers as plain numbers."""
+        """The current normalisers as plain numbers (``energy_std`` in eV, without the scale)."""
         pot = self.potential
         return {
             "energy_mean": float(pot.energy_mean),
-            "energy_std": float(pot.energy_std),
+            "energy_std": float(pot.energy_std) / self.energy_scale,
+            "energy_scale": self.energy_scale,
             "force_std": float(pot.force_std),
             "element_references": pot.element_references.tolist(),
         }
@@ -197,7 +212,8 @@ class PotentialModule(L.LightningModule):
         e_pred, f_pred = out["energy"].float().view(-1), out["forces"].float()
         e_true, f_true = batch.energy.float().view(-1), batch.forces.float()
         e_norm, f_norm = potential.normalize_targets(e_true, f_true, z, batch_idx)
-        losses = self.loss_fn(e_pred, e_norm, f_pred, f_norm, self._force_mask(batch, for_metrics=False))
+        s = self.energy_scale  # energy loss in units of the data std (see class docstring)
+        losses = self.loss_fn(e_pred * s, e_norm * s, f_pred, f_norm, self._force_mask(batch, for_metrics=False))
         num_structures = e_true.shape[0]
         for name, value in losses.items():
             self.log(
