@@ -44,6 +44,34 @@ def _float32(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
+class _SumIntoTargets(torch.autograd.Function):
+    """out[i] = Σ_{e: index[e] = i} values[e]. Autograd's own index_add keeps ``values``
+    alive for its backward; this keeps only the index (the gradient is a gather)."""
+
+    @staticmethod
+    def forward(values: torch.Tensor, index: torch.Tensor, num_targets: int) -> torch.Tensor:
+        out = values.new_zeros((num_targets, *values.shape[1:]))
+        return out.index_add_(0, index, values)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+        _, index, _ = inputs
+        ctx.save_for_backward(index)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (index,) = ctx.saved_tensors
+        return grad.index_select(0, index), None, None
+
+
+def sum_into_targets(values: torch.Tensor, index: torch.Tensor, num_targets: int) -> torch.Tensor:
+    """Scatter-sum edge values into their target atoms, [E, ...] -> [num_targets, ...]."""
+    if torch.is_grad_enabled() and values.requires_grad and not _tracing():
+        return _SumIntoTargets.apply(values, index, num_targets)
+    out = values.new_zeros((num_targets, *values.shape[1:]))
+    return out.index_add(0, index, values)
+
+
 def calc_sphere_points(num_points: int) -> torch.Tensor:
     """Golden-spiral points on the sphere, each scaled by its inverse local density."""
     golden_ratio = (1.0 + math.sqrt(5.0)) / 2.0
@@ -519,8 +547,7 @@ class MessageBlock(nn.Module):
             y = _float32(y)
             y = torch.matmul(self.grid_from, self.act(torch.matmul(self.grid_to, y)))
             y = torch.bmm(rotation.transpose(1, 2), y)
-        out = torch.zeros(x.shape[0], y.shape[1], y.shape[2], dtype=y.dtype, device=y.device)
-        return out.index_add(0, target, y)
+        return sum_into_targets(y, target, x.shape[0])
 
     def _so2_sum(self, rotated_source: torch.Tensor, rotated_target: torch.Tensor, x_edge: torch.Tensor) -> torch.Tensor:
         """so2_block_source(source) + so2_block_target(target), m-major in and out.
