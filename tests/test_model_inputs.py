@@ -110,3 +110,20 @@ def test_sum_into_targets_gradient_matches_index_add():
     (sum_into_targets(values, index, 5) * weights).sum().backward()
     expected = torch.autograd.grad((values.new_zeros(5, 3, 2).index_add(0, index, values) * weights).sum(), values)[0]
     torch.testing.assert_close(values.grad, expected)
+
+
+def test_grid_silu_gradient_matches_autograd():
+    from escn_train.models.escn import grid_silu
+
+    gen = torch.Generator().manual_seed(1)
+    y = torch.randn(6, 7, 4, dtype=torch.float64, generator=gen, requires_grad=True)
+    to_grid = torch.randn(18, 7, dtype=torch.float64, generator=gen)
+    from_grid = torch.randn(7, 18, dtype=torch.float64, generator=gen)
+    assert torch.autograd.gradcheck(lambda v: grid_silu(v, to_grid, from_grid), (y,))
+    y32 = y.detach().float().requires_grad_()
+    grad_out = torch.randn(6, 7, 4, generator=gen).float()
+    (grid_silu(y32, to_grid.float(), from_grid.float()) * grad_out).sum().backward()
+    plain = y.detach().float().requires_grad_()
+    reference = torch.matmul(from_grid.float(), torch.nn.functional.silu(torch.matmul(to_grid.float(), plain)))
+    (reference * grad_out).sum().backward()
+    assert torch.equal(y32.grad, plain.grad)

@@ -72,6 +72,37 @@ def sum_into_targets(values: torch.Tensor, index: torch.Tensor, num_targets: int
     return out.index_add(0, index, values)
 
 
+class _GridSiLU(torch.autograd.Function):
+    """from_grid @ SiLU(to_grid @ y), recomputing the grid values in backward.
+
+    The grid values are the largest activation of a message block (E x points x C);
+    keeping only ``y`` (E x coefficients x C) and redoing one small matrix product in
+    backward is cheaper than holding them. The gradient is autograd's own, bit for bit.
+    """
+
+    @staticmethod
+    def forward(y: torch.Tensor, to_grid: torch.Tensor, from_grid: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(from_grid, nn.functional.silu(torch.matmul(to_grid, y)))
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        y, to_grid, from_grid = ctx.saved_tensors
+        grid = torch.matmul(to_grid, y)
+        grad_grid = torch.ops.aten.silu_backward(torch.matmul(from_grid.t(), grad), grid)
+        return torch.matmul(to_grid.t(), grad_grid), None, None
+
+
+def grid_silu(y: torch.Tensor, to_grid: torch.Tensor, from_grid: torch.Tensor) -> torch.Tensor:
+    """Pointwise SiLU on the S2 grid: from_grid @ SiLU(to_grid @ y) for y [E, coeffs, C]."""
+    if torch.is_grad_enabled() and y.requires_grad and not _tracing():
+        return _GridSiLU.apply(y, to_grid, from_grid)
+    return torch.matmul(from_grid, nn.functional.silu(torch.matmul(to_grid, y)))
+
+
 def calc_sphere_points(num_points: int) -> torch.Tensor:
     """Golden-spiral points on the sphere, each scaled by its inverse local density."""
     golden_ratio = (1.0 + math.sqrt(5.0)) / 2.0
@@ -545,7 +576,7 @@ class MessageBlock(nn.Module):
         y = self._so2_sum(rotated_source, rotated_target, x_edge)
         with _float32_region(y):
             y = _float32(y)
-            y = torch.matmul(self.grid_from, self.act(torch.matmul(self.grid_to, y)))
+            y = grid_silu(y, self.grid_to, self.grid_from)
             y = torch.bmm(rotation.transpose(1, 2), y)
         return sum_into_targets(y, target, x.shape[0])
 
