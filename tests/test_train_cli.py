@@ -96,7 +96,8 @@ def test_fit_writes_metrics_checkpoints_and_plots(first_run: Path):
     from escn_train.training.checkpoint import load_potential
 
     potential = load_potential(last)
-    assert float(potential.energy_std) == pytest.approx(ckpt["normalizers"]["energy_std"])
+    norm = ckpt["normalizers"]
+    assert float(potential.energy_std) == pytest.approx(norm["energy_std"] * norm["energy_scale"])
     ema_weight = ckpt["state_dict"]["ema.module.model.sphere_embedding.weight"]
     torch.testing.assert_close(potential.model.sphere_embedding.weight, ema_weight)
     raw = load_potential(last, use_ema=False)

@@ -147,7 +147,14 @@ class PotentialModule(L.LightningModule):
         pot.element_references.zero_()
         refs = values.get("element_references")
         if refs is not None and not isinstance(refs, bool):
-            refs = torch.as_tensor(refs, dtype=torch.float32).flatten()[: pot.element_references.numel()]
+            refs = torch.as_tensor(refs, dtype=torch.float32).flatten()
+            size = pot.element_references.numel()
+            if bool((refs[size:] != 0).any()):
+                raise ValueError(
+                    f"normalizer.element_references: non-zero entries beyond model.max_num_elements={size} "
+                    "(the data holds elements the model cannot embed)"
+                )
+            refs = refs[:size]
             pot.element_references[: refs.numel()] = refs
         if getattr(self, "ema", None) is not None:
             for name, buf in pot.named_buffers():
