@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -125,6 +126,17 @@ def test_resume_continues_steps_optimizer_and_ema(first_run: Path, stats_dir: Pa
 
 
 @pytest.mark.slow
+def test_resume_auto_finds_last_checkpoint_in_fixed_run_dir(first_run: Path, stats_dir: Path, tmp_path: Path):
+    run_dir = tmp_path / "requeued"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    shutil.copy(first_run / "checkpoints" / "last.ckpt", run_dir / "checkpoints" / "last.ckpt")
+    proc = run_train([*tiny_overrides(stats_dir), "trainer.max_epochs=2", "resume=auto", "test_after_fit=false",
+                      f"hydra.run.dir={run_dir}"], run_dir)
+    assert "resuming from" in proc.stdout
+    assert load(run_dir / "checkpoints" / "last.ckpt")["global_step"] == 2 * STEPS
+
+
+@pytest.mark.slow
 def test_init_from_starts_fresh(first_run: Path, stats_dir: Path, tmp_path: Path):
     run_dir = tmp_path / "finetune"
     best = next((first_run / "checkpoints").glob("best-*.ckpt"))
@@ -177,6 +189,12 @@ def test_wandb_offline_without_key(stats_dir: Path, tmp_path: Path):
     assert load(run_dir / "checkpoints" / "last.ckpt")["run_info"]["wandb_id"] == run_id
     offline_runs = list(run_dir.rglob(f"offline-run-*-{run_id}"))
     assert offline_runs, "no offline wandb run directory"
+    # a resumed run (new run directory) continues the same wandb run id
+    resumed_dir = tmp_path / "wb_resumed"
+    run_train([*tiny_overrides(stats_dir), "logger=wandb", "test_after_fit=false", "trainer.max_epochs=2",
+               f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", f"hydra.run.dir={resumed_dir}"], resumed_dir, env=env)
+    assert (resumed_dir / "wandb_id.txt").read_text().strip() == run_id
+    assert list(resumed_dir.rglob(f"offline-run-*-{run_id}"))
 
 
 @pytest.mark.slow
