@@ -157,6 +157,8 @@ def test_invalid_value_names_key_and_cfg_job(tmp_path: Path):
     assert "loss.forces.type" in bad.stderr and "l3" in bad.stderr
     bad_model = run_train(["model.mmax=3", f"hydra.run.dir={tmp_path / 'bad2'}"], tmp_path, check=False)
     assert bad_model.returncode != 0 and "model.mmax" in bad_model.stderr
+    missing = run_train(["data=lmdb", f"hydra.run.dir={tmp_path / 'bad3'}"], tmp_path, check=False)
+    assert missing.returncode != 0 and "data.train.src" in missing.stderr
     shown = run_train(["--cfg", "job", "model=escn_l6_m3"], tmp_path)
     assert "sphere_channels: 160" in shown.stdout and "optimizer:" in shown.stdout
     helped = run_train(["--help"], tmp_path)
