@@ -76,3 +76,21 @@ def test_rank_assignment_is_deterministic_and_errors_are_clear():
         AtomBalancedBatchSampler(50, batch_size=4, num_replicas=2, rank=0)
     with pytest.raises(ValueError, match="rank 2 outside"):
         AtomBalancedBatchSampler(50, natoms=natoms, batch_size=4, num_replicas=2, rank=2)
+
+
+@pytest.mark.parametrize("max_atoms", [None, 150])
+def test_evaluation_shards_cover_each_structure_once_without_padding(max_atoms):
+    natoms = natoms_fixture(23)
+    shards = [
+        list(AtomBalancedBatchSampler(23, natoms=natoms, batch_size=4, max_atoms=max_atoms, num_replicas=3, rank=r,
+                                      shuffle=False, even=False))
+        for r in range(3)
+    ]
+    seen = sorted(i for shard in shards for batch in shard for i in batch)
+    assert seen == list(range(23))  # no repeats, nothing dropped
+    assert all(len(shard) >= 1 for shard in shards)
+    tiny = [list(AtomBalancedBatchSampler(3, natoms=natoms[:3], batch_size=8, num_replicas=2, rank=r, shuffle=False,
+                                          even=False)) for r in range(2)]
+    assert sorted(i for shard in tiny for b in shard for i in b) == [0, 1, 2] and all(tiny)
+    with pytest.raises(ValueError, match="at least one"):
+        AtomBalancedBatchSampler(1, natoms=natoms[:1], batch_size=8, num_replicas=2, rank=0, even=False)

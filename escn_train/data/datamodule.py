@@ -105,6 +105,8 @@ class LmdbDataModule(L.LightningDataModule):
         self.graph_selection = GraphSelection(use_precomputed_edges, graph_cutoff, graph_max_neighbors)
         self.datasets: dict[str, LmdbDataset] = {}
         self._natoms: dict[str, Any] = {}
+        #: (epoch, batches consumed) of an interrupted training epoch, from a checkpoint.
+        self._train_resume: tuple[int, int] | None = None
 
     # --------------------------------------------------------------------------- datasets
     def dataset(self, split: str) -> LmdbDataset:
@@ -169,6 +171,7 @@ class LmdbDataModule(L.LightningDataModule):
             shuffle=training,
             seed=self.seed,
             drop_last=self.drop_last and training,
+            even=training,  # evaluation: each structure once (no padding), uneven shards
         )
 
     def _loader(self, split: str) -> DataLoader:
@@ -183,7 +186,27 @@ class LmdbDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train")
+        loader = self._loader("train")
+        if self._train_resume is not None:  # kept: Lightning may build the loader more than once
+            loader.batch_sampler.resume_at(*self._train_resume)
+        return loader
+
+    # --------------------------------------------------------------------------- resume
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in checkpoints: the training epoch and how many of its batches were consumed.
+
+        Lightning's loops restore their own counters but re-iterate a custom batch sampler
+        from its start; with this state the sampler skips the consumed batches instead.
+        """
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return {}
+        loop = trainer.fit_loop.epoch_loop
+        return {"train_epoch": int(trainer.current_epoch), "train_batches_done": int(loop.batch_progress.current.processed)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "train_epoch" in state_dict:
+            self._train_resume = (int(state_dict["train_epoch"]), int(state_dict["train_batches_done"]))
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val")

@@ -46,6 +46,10 @@ class AtomBalancedBatchSampler(torch.utils.data.Sampler[list[int]]):
         seed: base seed; the epoch is added to it.
         drop_last: drop the last incomplete fixed-size batch, and the incomplete last
             step across ranks instead of completing it with repeated batches.
+        even: give every rank the same number of batches (training under DDP needs it).
+            ``even=False`` (evaluation): every structure exactly once over all ranks, no
+            repeats; ranks may get different numbers of batches (at least one each), which
+            sum-reduced metrics (torchmetrics) handle exactly.
     """
 
     def __init__(
@@ -59,6 +63,7 @@ class AtomBalancedBatchSampler(torch.utils.data.Sampler[list[int]]):
         shuffle: bool = True,
         seed: int = 0,
         drop_last: bool = False,
+        even: bool = True,
     ) -> None:
         if batch_size is None and max_atoms is None:
             raise ValueError("give batch_size, max_atoms, or both")
@@ -83,13 +88,30 @@ class AtomBalancedBatchSampler(torch.utils.data.Sampler[list[int]]):
         self.shuffle = shuffle
         self.seed = seed
         self.drop_last = drop_last
+        self.even = even
+        if not even and num_samples < num_replicas:
+            raise ValueError(
+                f"{num_samples} structures cannot give each of {num_replicas} ranks at least one "
+                "(evaluation shards are not padded with repeats)"
+            )
         self.epoch = 0
         self._cached: tuple[int, list[np.ndarray]] | None = None
+        self._resume: tuple[int, int] | None = None
         self.sampler = _EpochHook(self)
 
     def set_epoch(self, epoch: int) -> None:
         """Use the permutation of this epoch (call before iterating, on every rank)."""
         self.epoch = int(epoch)
+
+    def resume_at(self, epoch: int, position: int) -> None:
+        """Continue an interrupted epoch: the next iteration in ``epoch`` starts at batch ``position``.
+
+        Applies once, to the first iteration that runs with ``epoch`` set; ``len`` is unchanged
+        (the training loop counts the consumed batches itself).
+        """
+        if position < 0:
+            raise ValueError(f"resume position must be >= 0, got {position}")
+        self._resume = (int(epoch), int(position))
 
     def _generator(self) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed + self.epoch)
@@ -114,6 +136,8 @@ class AtomBalancedBatchSampler(torch.utils.data.Sampler[list[int]]):
 
     def _compute_rank_batches(self) -> list[np.ndarray]:
         generator = self._generator()
+        if self.num_replicas > 1 and not self.even:
+            return self._split_batches(self._batches(generator))
         if self.num_replicas > 1 and self.max_atoms is None:
             return self._deal_samples(generator)
         batches = self._batches(generator)
@@ -143,6 +167,14 @@ class AtomBalancedBatchSampler(torch.utils.data.Sampler[list[int]]):
         mine = np.where(mirrored[:, None], snake == replicas - 1 - self.rank, snake == self.rank)
         return [by_size[s, mine[s]] for s in range(steps)]
 
+    def _split_batches(self, batches: list[np.ndarray]) -> list[np.ndarray]:
+        """Uneven shards without repeats: batch ``i`` goes to rank ``i % R``; with fewer batches
+        than ranks, the structures are re-cut into ``R`` batches so no rank is left empty."""
+        if len(batches) < self.num_replicas:
+            order = np.concatenate(batches)
+            batches = [chunk for chunk in np.array_split(order, self.num_replicas)]
+        return batches[self.rank :: self.num_replicas]
+
     def _deal_batches(self, batches: list[np.ndarray], generator: torch.Generator) -> list[np.ndarray]:
         """Packed batches across ranks: sorted by atoms, dealt one step (one batch per rank) at a
         time, the largest batch of a step to the rank with the fewest atoms so far."""
@@ -164,7 +196,12 @@ class AtomBalancedBatchSampler(torch.utils.data.Sampler[list[int]]):
         return [batches[step_batch[step]] for step in step_order]
 
     def __iter__(self) -> Iterator[list[int]]:
-        for batch in self._rank_batches():
+        batches = self._rank_batches()
+        start = 0
+        if self._resume is not None and self._resume[0] == self.epoch:
+            start = self._resume[1]
+            self._resume = None
+        for batch in batches[start:]:
             yield batch.tolist()
 
     def __len__(self) -> int:

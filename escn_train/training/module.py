@@ -134,7 +134,10 @@ class PotentialModule(L.LightningModule):
         self.collect_predictions = False
         #: The resolved run configuration (plain dict), saved in checkpoints as ``config``.
         self.run_config: dict[str, Any] | None = None
-        self._last_ema_step = -1
+        #: The last training loss (read by :class:`~escn_train.training.reliability.NonFiniteGuard`).
+        self.last_train_loss: torch.Tensor | None = None
+        #: Set by the guard when this batch's optimizer step was skipped (the EMA skips it too).
+        self.step_skipped = False
 
     # ------------------------------------------------------------------ normalisers
     @torch.no_grad()
@@ -233,8 +236,10 @@ class PotentialModule(L.LightningModule):
                 sync_dist=split != "train",
             )
         result: dict[str, Any] = {"loss": losses["loss"]}
-        if split == "train" and not self.train_metrics:
-            return result
+        if split == "train":
+            self.last_train_loss = losses["loss"].detach()
+            if not self.train_metrics or not bool(torch.isfinite(self.last_train_loss)):
+                return result  # a non-finite step is skipped (NonFiniteGuard); keep it out of the metrics
         with torch.no_grad():
             e_phys, f_phys = potential.to_physical(e_pred.detach(), f_pred.detach(), z, batch_idx)
             mask = self._force_mask(batch, for_metrics=True)
@@ -271,10 +276,16 @@ class PotentialModule(L.LightningModule):
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
         return self(batch)
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        # Once per optimizer step (not per micro-batch under gradient accumulation).
-        if self.ema is not None and self.trainer.global_step != self._last_ema_step:
-            self._last_ema_step = self.trainer.global_step
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """The optimizer step, then the EMA update (once per step, not per accumulated micro-batch).
+
+        Updating here rather than in ``on_train_batch_end`` puts the EMA of step k into a
+        checkpoint that callbacks write at the end of batch k (exact resume). Steps skipped
+        by the non-finite guard leave the EMA alone.
+        """
+        self.step_skipped = False
+        super().optimizer_step(*args, **kwargs)
+        if self.ema is not None and not self.step_skipped:
             self.ema.update(self.potential)
 
     # ------------------------------------------------------------------ optimisation

@@ -24,11 +24,20 @@ from hydra.utils import instantiate
 from escn_train.training.checkpoint import init_module_from_checkpoint, read_checkpoint
 from escn_train.training.config_checks import ConfigError, check_config
 from escn_train.training.module import PotentialModule
+from escn_train.training.reliability import (
+    AtomicCheckpointIO,
+    GracefulShutdown,
+    GracefulStop,
+    NonFiniteGuard,
+    cluster_plugins,
+)
 
 WANDB_ID_FILE = "wandb_id.txt"
 # The EMA copy is kept in eval mode on purpose; Lightning warns about eval-mode modules.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 METRICS_FILE = "metrics.json"
+# Mid-epoch resume is exact: the datamodule saves and restores its batch sampler's position.
+warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
 
 
 # ---------------------------------------------------------------------------------- pieces
@@ -134,6 +143,30 @@ def build_callbacks(callbacks: Mapping[str, Any] | None) -> list[L.Callback]:
     return out
 
 
+def build_reliability(reliability: Mapping[str, Any] | None) -> tuple[list[L.Callback], list[Any]]:
+    """Callbacks and Trainer plugins of the ``reliability`` section (see :mod:`~escn_train.training.reliability`)."""
+    reliability = dict(reliability or {})
+    unknown = set(reliability) - {"max_consecutive_nonfinite", "handle_signals", "atomic_checkpoints"}
+    if unknown:
+        raise ConfigError(
+            f"reliability: unknown keys {sorted(unknown)}; known: max_consecutive_nonfinite, handle_signals, "
+            "atomic_checkpoints"
+        )
+    callbacks: list[L.Callback] = []
+    plugins: list[Any] = []
+    limit = reliability.get("max_consecutive_nonfinite", 5)
+    if limit is not None:
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+            raise ConfigError(f"reliability.max_consecutive_nonfinite: expected a positive integer or null, got {limit!r}")
+        callbacks.append(NonFiniteGuard(limit))
+    if reliability.get("handle_signals", True):
+        callbacks.append(GracefulShutdown())
+        plugins.extend(cluster_plugins())
+    if reliability.get("atomic_checkpoints", True):
+        plugins.append(AtomicCheckpointIO())
+    return callbacks, plugins
+
+
 def _checkpoint_callback(trainer: L.Trainer) -> Any:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -186,13 +219,31 @@ def run_training(cfg: Mapping[str, Any], run_dir: str | os.PathLike) -> dict[str
     module.run_info.update(run_info)
     module.run_config = dict(cfg)  # stored in checkpoints as "config"
     callbacks = build_callbacks(cfg.get("callbacks"))
+    reliability_callbacks, plugins = build_reliability(cfg.get("reliability"))
     trainer_kwargs = dict(cfg.get("trainer") or {})
+    plugins = list(trainer_kwargs.pop("plugins", None) or []) + plugins
     trainer = L.Trainer(
-        **trainer_kwargs, logger=loggers if loggers else False, callbacks=callbacks, default_root_dir=str(run_dir)
+        **trainer_kwargs,
+        logger=loggers if loggers else False,
+        callbacks=callbacks + reliability_callbacks,
+        plugins=plugins or None,
+        default_root_dir=str(run_dir),
     )
     if trainer.is_global_zero:
         print(f"run directory: {run_dir}" + (f"  (resuming from {ckpt_path})" if ckpt_path else ""))
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except GracefulStop as stop:
+        results = {
+            "interrupted": stop.signal_name,
+            "checkpoint": stop.checkpoint,
+            "global_step": trainer.global_step,
+            "wall_time_s": time.perf_counter() - started,
+        }
+        if trainer.is_global_zero:
+            print(f"training stopped by {stop.signal_name} at step {trainer.global_step}; resume with "
+                  f"ckpt_path={stop.checkpoint} (or resume=auto)", flush=True)
+        return results
 
     results: dict[str, Any] = {}
     results.update(_plain_metrics(trainer.callback_metrics))

@@ -1,0 +1,237 @@
+"""Issue 7: non-finite steps, atomic checkpoints, signals, exact (mid-epoch) resume.
+
+The end-to-end tests run real `train.py` processes with a tiny model on demo subsets,
+interrupt them (SIGTERM, SIGUSR1, SIGKILL) and compare the resumed run's final weights
+bitwise with an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import lightning as L
+import pytest
+import torch
+
+from escn_train.data import AtomBalancedBatchSampler
+from escn_train.training.reliability import AtomicCheckpointIO, NonFiniteGuard, NonFiniteLossError, atomic_torch_save
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------- atomic writes
+def test_atomic_save_failing_mid_write_keeps_the_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "last.ckpt"
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"global_step": 1, "w": torch.ones(3)}, path)
+    real_save = torch.save
+
+    def broken_save(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 partial checkpoint bytes")  # part of a file, then the "kill"
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="simulated"):
+        io.save_checkpoint({"global_step": 2, "w": torch.zeros(3)}, path)
+    monkeypatch.setattr(torch, "save", real_save)
+    kept = torch.load(path, weights_only=True)
+    assert kept["global_step"] == 1 and torch.equal(kept["w"], torch.ones(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # no temporary file left
+    atomic_torch_save({"global_step": 3}, path)
+    assert torch.load(path, weights_only=True)["global_step"] == 3
+
+
+# ----------------------------------------------------------------------------- sampler resume
+def test_batch_sampler_resumes_mid_epoch_without_replay_or_skip():
+    full = AtomBalancedBatchSampler(50, batch_size=4, seed=3)
+    full.set_epoch(1)
+    epoch1 = list(full)
+    resumed = AtomBalancedBatchSampler(50, batch_size=4, seed=3)
+    resumed.resume_at(epoch=1, position=5)
+    resumed.set_epoch(1)
+    assert len(resumed) == len(epoch1)  # the loop counts consumed batches itself
+    assert list(resumed) == epoch1[5:]
+    assert list(resumed) == epoch1  # applies once
+    other = AtomBalancedBatchSampler(50, batch_size=4, seed=3)
+    other.resume_at(epoch=1, position=5)
+    other.set_epoch(0)  # a different epoch is not shortened
+    assert len(list(other)) == len(epoch1)
+
+
+# ----------------------------------------------------------------------------- non-finite steps
+class _Toy(L.LightningModule):
+    """y = w·x on batches carrying a ``sid``; records which steps changed the weights."""
+
+    def __init__(self, manual: bool = False) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(3, 1)
+        self.automatic_optimization = not manual
+        self.weights: list[torch.Tensor] = []
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch.x, batch.y
+        loss = ((self.layer(x).squeeze(-1) - y) ** 2).mean()
+        self.last_train_loss = loss.detach()
+        if not self.automatic_optimization:
+            opt = self.optimizers()
+            opt.zero_grad()
+            self.manual_backward(loss)
+            self.clip_gradients(opt, gradient_clip_val=1.0)
+            opt.step()
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        self.weights.append(self.layer.weight.detach().clone())
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=0.1)
+
+
+def _toy_loader(bad: set[int], n: int = 8):
+    batches = []
+    for i in range(n):
+        y = torch.full((2,), float("nan") if i in bad else 1.0)
+        batches.append(SimpleNamespace(x=torch.ones(2, 3), y=y, sid=torch.tensor([10 * i, 10 * i + 1])))
+    return torch.utils.data.DataLoader(batches, batch_size=None, collate_fn=lambda b: b)
+
+
+def _fit_toy(bad: set[int], manual: bool, max_consecutive: int = 3):
+    model, guard = _Toy(manual), NonFiniteGuard(max_consecutive)
+    trainer = L.Trainer(
+        max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False, callbacks=[guard], gradient_clip_val=None if manual else 1.0,
+    )
+    trainer.fit(model, _toy_loader(bad))
+    return model, guard, trainer
+
+
+@pytest.mark.parametrize("manual", [False, True])
+def test_nonfinite_steps_are_skipped_and_counted(manual):
+    model, guard, trainer = _fit_toy({2, 5}, manual)
+    assert guard.skipped == 2
+    assert torch.isfinite(model.layer.weight).all()
+    w = model.weights
+    assert torch.equal(w[2], w[1]) and torch.equal(w[5], w[4])  # skipped: weights untouched
+    assert not torch.equal(w[3], w[2])  # training goes on afterwards
+    assert trainer.callback_metrics["train/skipped_steps"] == 2
+
+
+@pytest.mark.parametrize("manual", [False, True])
+def test_consecutive_nonfinite_steps_stop_naming_the_batch(manual):
+    with pytest.raises(NonFiniteLossError, match=r"3 consecutive .* batch 4, sid 40, 41"):
+        _fit_toy({2, 3, 4}, manual)
+
+
+# ----------------------------------------------------------------------------- end to end
+def _overrides(stats_dir: Path) -> list[str]:
+    return [
+        "data.train.subset=96", "data.val.subset=8", "data.test.subset=8", "data.batch_size=4",
+        "data.eval_batch_size=8", f"data.stats_cache_dir={stats_dir}", "data.progress=false",
+        "model.num_layers=1", "model.lmax=1", "model.mmax=1", "model.sphere_channels=8",
+        "model.hidden_channels=8", "model.edge_channels=8", "model.num_sphere_samples=8",
+        "model.max_neighbors=12", "model.distance_resolution=0.1", "trainer.max_epochs=2",
+        "trainer.log_every_n_steps=1", "trainer.enable_model_summary=false", "trainer.enable_progress_bar=false",
+        "callbacks.progress_bar=null", "callbacks.parity_plot=null", "scheduler.warmup_steps=2",
+        "callbacks.last_checkpoint.every_n_train_steps=1", "test_after_fit=false", "resume=auto", "threads=1",
+    ]
+
+
+TOTAL_STEPS = 2 * 24  # 96 structures / 4 per batch, 2 epochs
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "ESCN_DATA_DIR": str(REPO / "data"), "PYTHONWARNINGS": "ignore"}
+
+
+def _start(run_dir: Path, stats_dir: Path, log: Path) -> subprocess.Popen:
+    cmd = [sys.executable, str(REPO / "train.py"), *_overrides(stats_dir), f"hydra.run.dir={run_dir}"]
+    return subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+
+def _run(run_dir: Path, stats_dir: Path) -> str:
+    log = run_dir.parent / f"{run_dir.name}.log"
+    proc = _start(run_dir, stats_dir, log)
+    code = proc.wait(timeout=300)
+    assert code == 0, log.read_text()[-4000:]
+    return log.read_text()
+
+
+def _step_of(path: Path) -> int:
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True)["global_step"])
+    except Exception:  # not written yet
+        return -1
+
+
+def _interrupt(run_dir: Path, stats_dir: Path, sig: int, after_step: int = 6) -> tuple[int, str]:
+    """Start a run, send ``sig`` once last.ckpt shows ``after_step`` steps; exit code and log."""
+    log = run_dir.parent / f"{run_dir.name}-interrupted.log"
+    proc = _start(run_dir, stats_dir, log)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 240
+    while _step_of(last) < after_step:
+        assert proc.poll() is None, f"run ended before the signal:\n{log.read_text()[-4000:]}"
+        assert time.monotonic() < deadline, "no checkpoint in time"
+        time.sleep(0.02)
+    proc.send_signal(sig)
+    code = proc.wait(timeout=120)
+    return code, log.read_text()
+
+
+def _assert_same_weights(a: Path, b: Path) -> None:
+    sa = torch.load(a, map_location="cpu", weights_only=True)
+    sb = torch.load(b, map_location="cpu", weights_only=True)
+    assert sa["global_step"] == sb["global_step"] == TOTAL_STEPS
+    assert sa["state_dict"].keys() == sb["state_dict"].keys()
+    differ = [k for k in sa["state_dict"] if not torch.equal(sa["state_dict"][k], sb["state_dict"][k])]
+    assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:3]}"
+
+
+@pytest.fixture(scope="module")
+def stats_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("stats")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, stats_dir) -> Path:
+    run_dir = tmp_path_factory.mktemp("reliability") / "full"
+    _run(run_dir, stats_dir)
+    return run_dir / "checkpoints" / "last.ckpt"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_interrupted_run_resumes_bitwise_identical(sig, uninterrupted, stats_dir, tmp_path):
+    run_dir = tmp_path / "interrupted"
+    code, log = _interrupt(run_dir, stats_dir, sig)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    stopped = torch.load(last, map_location="cpu", weights_only=True)
+    step = int(stopped["global_step"])
+    assert 6 <= step < TOTAL_STEPS, log[-3000:]
+    if sig == signal.SIGTERM:
+        assert code == 0, log[-4000:]
+        assert f"SIGTERM received: wrote {last} at step {step}" in log
+        assert f"training stopped by SIGTERM at step {step}" in log
+    else:
+        assert code == -signal.SIGKILL
+    assert not list(last.parent.glob(".*.tmp")), "a temporary checkpoint file was left behind"
+    resumed_log = _run(run_dir, stats_dir)  # resume=auto picks up last.ckpt
+    assert "resuming from" in resumed_log
+    _assert_same_weights(uninterrupted, last)
+
+
+@pytest.mark.slow
+def test_sigusr1_writes_last_checkpoint_and_exits_cleanly(stats_dir, tmp_path):
+    run_dir = tmp_path / "usr1"
+    code, log = _interrupt(run_dir, stats_dir, signal.SIGUSR1, after_step=3)
+    assert code == 0, log[-4000:]
+    last = run_dir / "checkpoints" / "last.ckpt"
+    step = int(torch.load(last, map_location="cpu", weights_only=True)["global_step"])
+    assert 3 <= step < TOTAL_STEPS
+    assert f"SIGUSR1 received: wrote {last} at step {step}" in log
