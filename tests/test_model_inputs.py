@@ -127,3 +127,21 @@ def test_grid_silu_gradient_matches_autograd():
     reference = torch.matmul(from_grid.float(), torch.nn.functional.silu(torch.matmul(to_grid.float(), plain)))
     (reference * grad_out).sum().backward()
     assert torch.equal(y32.grad, plain.grad)
+
+
+def test_grid_silu_in_several_edge_blocks_is_bitwise_the_plain_expression(monkeypatch):
+    from escn_train.models import escn
+
+    monkeypatch.setattr(escn, "GRID_BLOCK_FLOATS", 3 * 18 * 4)  # blocks of 3 edges, the last one short
+    gen = torch.Generator().manual_seed(2)
+    y = torch.randn(10, 7, 4, generator=gen, requires_grad=True)
+    to_grid, from_grid = torch.randn(18, 7, generator=gen), torch.randn(7, 18, generator=gen)
+    grad_out = torch.randn(10, 7, 4, generator=gen)
+    blocked = escn.grid_silu(y, to_grid, from_grid)
+    (blocked * grad_out).sum().backward()
+    plain_y = y.detach().clone().requires_grad_()
+    plain = torch.matmul(from_grid, torch.nn.functional.silu(torch.matmul(to_grid, plain_y)))
+    (plain * grad_out).sum().backward()
+    assert torch.equal(blocked, plain) and torch.equal(y.grad, plain_y.grad)
+    with torch.no_grad():
+        assert torch.equal(escn.grid_silu(y, to_grid, from_grid), plain)

@@ -72,17 +72,33 @@ def sum_into_targets(values: torch.Tensor, index: torch.Tensor, num_targets: int
     return out.index_add(0, index, values)
 
 
-class _GridSiLU(torch.autograd.Function):
-    """from_grid @ SiLU(to_grid @ y), recomputing the grid values in backward.
+#: Edges per block of the S2-grid stage: about 4 MB of grid values, so each block's grid
+#: stays in cache between the projection, the SiLU and the projection back.
+GRID_BLOCK_FLOATS = 2**20
 
-    The grid values are the largest activation of a message block (E x points x C);
-    keeping only ``y`` (E x coefficients x C) and redoing one small matrix product in
-    backward is cheaper than holding them. The gradient is autograd's own, bit for bit.
+
+def _edge_blocks(num_edges: int, grid_values_per_edge: int) -> range:
+    step = max(1, GRID_BLOCK_FLOATS // max(1, grid_values_per_edge))
+    return range(0, num_edges, step)
+
+
+class _GridSiLU(torch.autograd.Function):
+    """from_grid @ SiLU(to_grid @ y), edge block by edge block, recomputed in backward.
+
+    The grid values (E x points x C) are the largest activation of a message block. Here
+    they exist one cache-sized block of edges at a time (memory traffic is the cost of
+    this stage on CPUs), and backward recomputes them from ``y`` instead of storing them.
+    Results and gradients are bit for bit those of the unblocked expression.
     """
 
     @staticmethod
     def forward(y: torch.Tensor, to_grid: torch.Tensor, from_grid: torch.Tensor) -> torch.Tensor:
-        return torch.matmul(from_grid, nn.functional.silu(torch.matmul(to_grid, y)))
+        out = y.new_empty(y.shape[0], from_grid.shape[0], y.shape[2])
+        step = _edge_blocks(y.shape[0], to_grid.shape[0] * y.shape[2]).step
+        for start in range(0, y.shape[0], step):
+            block = y[start : start + step]
+            out[start : start + step] = torch.matmul(from_grid, nn.functional.silu(torch.matmul(to_grid, block)))
+        return out
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
@@ -91,16 +107,22 @@ class _GridSiLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         y, to_grid, from_grid = ctx.saved_tensors
-        grid = torch.matmul(to_grid, y)
-        grad_grid = torch.ops.aten.silu_backward(torch.matmul(from_grid.t(), grad), grid)
-        return torch.matmul(to_grid.t(), grad_grid), None, None
+        grad_y = torch.empty_like(y)
+        step = _edge_blocks(y.shape[0], to_grid.shape[0] * y.shape[2]).step
+        for start in range(0, y.shape[0], step):
+            grid = torch.matmul(to_grid, y[start : start + step])
+            grad_grid = torch.ops.aten.silu_backward(torch.matmul(from_grid.t(), grad[start : start + step]), grid)
+            grad_y[start : start + step] = torch.matmul(to_grid.t(), grad_grid)
+        return grad_y, None, None
 
 
 def grid_silu(y: torch.Tensor, to_grid: torch.Tensor, from_grid: torch.Tensor) -> torch.Tensor:
     """Pointwise SiLU on the S2 grid: from_grid @ SiLU(to_grid @ y) for y [E, coeffs, C]."""
-    if torch.is_grad_enabled() and y.requires_grad and not _tracing():
+    if _tracing():
+        return torch.matmul(from_grid, nn.functional.silu(torch.matmul(to_grid, y)))
+    if torch.is_grad_enabled() and y.requires_grad:
         return _GridSiLU.apply(y, to_grid, from_grid)
-    return torch.matmul(from_grid, nn.functional.silu(torch.matmul(to_grid, y)))
+    return _GridSiLU.forward(y, to_grid, from_grid)
 
 
 def calc_sphere_points(num_points: int) -> torch.Tensor:
