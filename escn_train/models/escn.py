@@ -125,6 +125,68 @@ def grid_silu(y: torch.Tensor, to_grid: torch.Tensor, from_grid: torch.Tensor) -
     return _GridSiLU.forward(y, to_grid, from_grid)
 
 
+def _gated_mix(hidden: tuple[torch.Tensor, ...], gates: tuple[torch.Tensor, ...], rotating: bool) -> torch.Tensor:
+    """The gated hidden units of several SO(2) blocks, concatenated for one second layer.
+
+    ``rotating=False`` (m = 0): hidden [E, H] times gate [E, H]. ``rotating=True`` (m > 0):
+    hidden [E, 2, 2H] = (real | imaginary) first layers of the (+m, -m) rows, gate [E, 2H]
+    = (real | imaginary) gates; the imaginary part enters the output rows as
+    (-i[-m], +i[+m]), so that one product with [fc2_r | fc2_i] gives
+    (r[+m] - i[-m], r[-m] + i[+m]).
+    """
+    if not rotating:
+        return torch.cat([h * g for h, g in zip(hidden, gates)], dim=-1)
+    mixed = []
+    for h, g in zip(hidden, gates):
+        width = g.shape[-1] // 2
+        h_r, h_i = h.split(width, dim=-1)
+        g_r, g_i = g.view(-1, 2, width).unbind(1)
+        i_plus, i_minus = (h_i * g_i.unsqueeze(1)).unbind(1)
+        mixed += [h_r * g_r.unsqueeze(1), torch.stack([-i_minus, i_plus], dim=1)]
+    return torch.cat(mixed, dim=-1)
+
+
+class _GatedSecondLayer(torch.autograd.Function):
+    """``_gated_mix(hidden, gates) @ weight.T`` that keeps only the hidden units and gates for
+    backward (autograd needs them anyway) and recomputes the cheap elementwise gating
+    there, instead of also storing the gated tensor (E x 2 x 4H per order m)."""
+
+    @staticmethod
+    def forward(
+        h_source: torch.Tensor, g_source: torch.Tensor, h_target: torch.Tensor, g_target: torch.Tensor,
+        weight: torch.Tensor, rotating: bool,
+    ) -> torch.Tensor:
+        return torch.matmul(_gated_mix((h_source, h_target), (g_source, g_target), rotating), weight.t())
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+        *tensors, rotating = inputs
+        ctx.rotating = rotating
+        ctx.save_for_backward(*tensors)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        h_source, g_source, h_target, g_target, weight = ctx.saved_tensors
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_() for t in (h_source, g_source, h_target, g_target)]
+            mixed = _gated_mix((leaves[0], leaves[2]), (leaves[1], leaves[3]), ctx.rotating)
+        grad_weight = None
+        if ctx.needs_input_grad[4]:
+            grad_weight = grad.reshape(-1, grad.shape[-1]).t() @ mixed.detach().reshape(-1, mixed.shape[-1])
+        grads = torch.autograd.grad(mixed, leaves, torch.matmul(grad, weight))
+        return (*grads, grad_weight, None)
+
+
+def gated_second_layer(
+    h_source: torch.Tensor, g_source: torch.Tensor, h_target: torch.Tensor, g_target: torch.Tensor,
+    weight: torch.Tensor, rotating: bool,
+) -> torch.Tensor:
+    """Second SO(2) layer of the source and target blocks at once (their outputs summed)."""
+    if torch.is_grad_enabled() and not _tracing():
+        return _GatedSecondLayer.apply(h_source, g_source, h_target, g_target, weight, rotating)
+    return torch.matmul(_gated_mix((h_source, h_target), (g_source, g_target), rotating), weight.t())
+
+
 def calc_sphere_points(num_points: int) -> torch.Tensor:
     """Golden-spiral points on the sphere, each scaled by its inverse local density."""
     golden_ratio = (1.0 + math.sqrt(5.0)) / 2.0
@@ -627,28 +689,23 @@ class MessageBlock(nn.Module):
 
         # m = 0: one real linear map per block, gated.
         hidden0 = [
-            torch.matmul(pieces[0].reshape(num_edges, row_sizes[0] * channels), block.fc1_m0.weight.t()) * gate[0]
-            for pieces, block, gate in zip(pieces_by_block, blocks, gates_by_block)
+            torch.matmul(pieces[0].reshape(num_edges, row_sizes[0] * channels), block.fc1_m0.weight.t())
+            for pieces, block in zip(pieces_by_block, blocks)
         ]
         second0 = torch.cat([b.fc2_m0.weight for b in blocks], dim=1)
-        parts = [torch.matmul(torch.cat(hidden0, dim=-1), second0.t()).view(num_edges, row_sizes[0], channels)]
+        out0 = gated_second_layer(hidden0[0], gates_by_block[0][0], hidden0[1], gates_by_block[1][0], second0, False)
+        parts = [out0.view(num_edges, row_sizes[0], channels)]
 
         for m in range(1, self.mmax + 1):
-            mixed = []
-            for pieces, block, gate in zip(pieces_by_block, blocks, gates_by_block):
+            hidden_m = []
+            for pieces, block in zip(pieces_by_block, blocks):
                 conv = block.so2_conv[m - 1]
                 x_m = pieces[m].reshape(num_edges, 2, self.m_size[m] * channels)  # (+m row, -m row)
-                h = torch.matmul(x_m, torch.cat([conv.fc1_r.weight, conv.fc1_i.weight]).t())
-                h_r, h_i = h.split(hidden, dim=-1)
-                g_r, g_i = gate[m].view(num_edges, 2, hidden).unbind(1)
-                h_r = h_r * g_r.unsqueeze(1)
-                i_plus, i_minus = (h_i * g_i.unsqueeze(1)).unbind(1)
-                # Output rows: (r[+m] - i[-m], r[-m] + i[+m]).
-                mixed += [h_r, torch.stack([-i_minus, i_plus], dim=1)]
+                hidden_m.append(torch.matmul(x_m, torch.cat([conv.fc1_r.weight, conv.fc1_i.weight]).t()))
             second = torch.cat(
                 [w for b in blocks for w in (b.so2_conv[m - 1].fc2_r.weight, b.so2_conv[m - 1].fc2_i.weight)], dim=1
             )
-            out_m = torch.matmul(torch.cat(mixed, dim=-1), second.t())
+            out_m = gated_second_layer(hidden_m[0], gates_by_block[0][m], hidden_m[1], gates_by_block[1][m], second, True)
             parts.append(out_m.view(num_edges, row_sizes[m], channels))
         return torch.cat(parts, dim=1)
 
