@@ -40,6 +40,12 @@ def _float32_region(x: torch.Tensor) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+def _saves_memory_by_recomputing(x: torch.Tensor) -> bool:
+    """Whether the recomputing autograd functions apply: eager training in full precision
+    (under autocast, export or compile the plain expressions are used)."""
+    return torch.is_grad_enabled() and not _tracing() and not torch.is_autocast_enabled(x.device.type)
+
+
 def _float32(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
@@ -182,9 +188,65 @@ def gated_second_layer(
     weight: torch.Tensor, rotating: bool,
 ) -> torch.Tensor:
     """Second SO(2) layer of the source and target blocks at once (their outputs summed)."""
-    if torch.is_grad_enabled() and not _tracing():
+    if _saves_memory_by_recomputing(h_source):
         return _GatedSecondLayer.apply(h_source, g_source, h_target, g_target, weight, rotating)
     return torch.matmul(_gated_mix((h_source, h_target), (g_source, g_target), rotating), weight.t())
+
+
+def _rotated_first_layers(
+    x: torch.Tensor, rotation: torch.Tensor, index: torch.Tensor, row_sizes: list[int], weights: tuple[torch.Tensor, ...]
+) -> tuple[torch.Tensor, ...]:
+    """Rotate the features of the atoms ``index`` into their edge frames (m-major rows) and
+    apply the first SO(2) layer of each order: m = 0 -> [E, H], m > 0 -> [E, 2, 2H]."""
+    with _float32_region(x):
+        rotated = torch.bmm(rotation, _float32(x).index_select(0, index))
+    pieces = rotated.split(row_sizes, dim=1)
+    num_edges = rotated.shape[0]
+    out = [torch.matmul(pieces[0].reshape(num_edges, weights[0].shape[1]), weights[0].t())]
+    for piece, weight in zip(pieces[1:], weights[1:]):
+        out.append(torch.matmul(piece.reshape(num_edges, 2, weight.shape[1]), weight.t()))
+    return tuple(out)
+
+
+class _RotatedFirstLayers(torch.autograd.Function):
+    """:func:`_rotated_first_layers` that recomputes the rotated edge features (a gather and
+    a small product) in backward instead of storing them (E x coefficients x C per block)."""
+
+    @staticmethod
+    def forward(x: torch.Tensor, rotation: torch.Tensor, index: torch.Tensor, row_sizes: list[int], *weights: torch.Tensor):
+        return _rotated_first_layers(x, rotation, index, row_sizes, weights)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+        x, rotation, index, row_sizes, *weights = inputs
+        ctx.row_sizes = row_sizes
+        ctx.save_for_backward(x, rotation, index, *weights)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple:
+        x, rotation, index, *weights = ctx.saved_tensors
+        rotated = torch.bmm(rotation, x.index_select(0, index))
+        pieces = rotated.split(ctx.row_sizes, dim=1)
+        grad_pieces, grad_weights = [], []
+        for piece, weight, grad in zip(pieces, weights, grads):
+            flat_in = piece.reshape(-1, weight.shape[1])
+            flat_grad = grad.reshape(-1, weight.shape[0])
+            grad_weights.append(flat_grad.t() @ flat_in if ctx.needs_input_grad[4 + len(grad_weights)] else None)
+            grad_pieces.append((flat_grad @ weight).view(piece.shape))
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_edges = torch.bmm(rotation.transpose(1, 2), torch.cat(grad_pieces, dim=1))
+            grad_x = torch.zeros_like(x).index_add_(0, index, grad_edges)
+        return (grad_x, None, None, None, *grad_weights)
+
+
+def rotated_first_layers(
+    x: torch.Tensor, rotation: torch.Tensor, index: torch.Tensor, row_sizes: list[int], weights: tuple[torch.Tensor, ...]
+) -> tuple[torch.Tensor, ...]:
+    """First SO(2) layers of rotated edge features; see :func:`_rotated_first_layers`."""
+    if _saves_memory_by_recomputing(x):
+        return _RotatedFirstLayers.apply(x, rotation, index, row_sizes, *weights)
+    return _rotated_first_layers(x, rotation, index, row_sizes, weights)
 
 
 def calc_sphere_points(num_points: int) -> torch.Tensor:
@@ -653,19 +715,17 @@ class MessageBlock(nn.Module):
         )
         # Rows of the (reduced, m-major) rotation: wigner[:, out_mask, :] reordered.
         rotation = wigner.index_select(1, self.rotation_rows)
-        with _float32_region(x):
-            x = _float32(x)
-            rotated_source = torch.bmm(rotation, x.index_select(0, source))
-            rotated_target = torch.bmm(rotation, x.index_select(0, target))
-        y = self._so2_sum(rotated_source, rotated_target, x_edge)
+        y = self._so2_sum(x, rotation, source, target, x_edge)
         with _float32_region(y):
             y = _float32(y)
             y = grid_silu(y, self.grid_to, self.grid_from)
             y = torch.bmm(rotation.transpose(1, 2), y)
         return sum_into_targets(y, target, x.shape[0])
 
-    def _so2_sum(self, rotated_source: torch.Tensor, rotated_target: torch.Tensor, x_edge: torch.Tensor) -> torch.Tensor:
-        """so2_block_source(source) + so2_block_target(target), m-major in and out.
+    def _so2_sum(
+        self, x: torch.Tensor, rotation: torch.Tensor, source: torch.Tensor, target: torch.Tensor, x_edge: torch.Tensor
+    ) -> torch.Tensor:
+        """so2_block_source(rotated source) + so2_block_target(rotated target), m-major out.
 
         The same computation as the two SO2Blocks, with their matrices concatenated so
         that each stage is one matrix product: all edge gates at once; the real and
@@ -685,27 +745,24 @@ class MessageBlock(nn.Module):
         gate_sizes = ([hidden] + [2 * hidden] * self.mmax) * 2
         gates_by_block = (gates.split(gate_sizes, dim=1)[: 1 + self.mmax], gates.split(gate_sizes, dim=1)[1 + self.mmax :])
         row_sizes = [self.m_size[0]] + [2 * size for size in self.m_size[1:]]
-        pieces_by_block = (rotated_source.split(row_sizes, dim=1), rotated_target.split(row_sizes, dim=1))
+        # First layers: fc1_m0 for m = 0; [fc1_r; fc1_i] stacked for each m > 0.
+        hidden_by_block = []
+        for block, index in zip(blocks, (source, target)):
+            firsts = [block.fc1_m0.weight] + [torch.cat([c.fc1_r.weight, c.fc1_i.weight]) for c in block.so2_conv]
+            hidden_by_block.append(rotated_first_layers(x, rotation, index, row_sizes, tuple(firsts)))
 
-        # m = 0: one real linear map per block, gated.
-        hidden0 = [
-            torch.matmul(pieces[0].reshape(num_edges, row_sizes[0] * channels), block.fc1_m0.weight.t())
-            for pieces, block in zip(pieces_by_block, blocks)
-        ]
-        second0 = torch.cat([b.fc2_m0.weight for b in blocks], dim=1)
-        out0 = gated_second_layer(hidden0[0], gates_by_block[0][0], hidden0[1], gates_by_block[1][0], second0, False)
-        parts = [out0.view(num_edges, row_sizes[0], channels)]
-
-        for m in range(1, self.mmax + 1):
-            hidden_m = []
-            for pieces, block in zip(pieces_by_block, blocks):
-                conv = block.so2_conv[m - 1]
-                x_m = pieces[m].reshape(num_edges, 2, self.m_size[m] * channels)  # (+m row, -m row)
-                hidden_m.append(torch.matmul(x_m, torch.cat([conv.fc1_r.weight, conv.fc1_i.weight]).t()))
-            second = torch.cat(
-                [w for b in blocks for w in (b.so2_conv[m - 1].fc2_r.weight, b.so2_conv[m - 1].fc2_i.weight)], dim=1
+        # Second layers: both blocks at once, which also sums source and target.
+        parts = []
+        for m in range(self.mmax + 1):
+            if m == 0:
+                second = torch.cat([b.fc2_m0.weight for b in blocks], dim=1)
+            else:
+                second = torch.cat(
+                    [w for b in blocks for w in (b.so2_conv[m - 1].fc2_r.weight, b.so2_conv[m - 1].fc2_i.weight)], dim=1
+                )
+            out_m = gated_second_layer(
+                hidden_by_block[0][m], gates_by_block[0][m], hidden_by_block[1][m], gates_by_block[1][m], second, m > 0
             )
-            out_m = gated_second_layer(hidden_m[0], gates_by_block[0][m], hidden_m[1], gates_by_block[1][m], second, True)
             parts.append(out_m.view(num_edges, row_sizes[m], channels))
         return torch.cat(parts, dim=1)
 
