@@ -17,13 +17,26 @@ from collections.abc import Sequence
 
 from torch_geometric.data import Batch, Data
 
+from escn_train.data.checks import BadSample
 from escn_train.data.graph_selection import has_edges, strip_edges
 
 
-def collate_structures(data_list: Sequence[Data]) -> Batch:
-    """Batch normalised structures (see the module docstring)."""
+def collate_structures(data_list: Sequence[Data | BadSample]) -> Batch | None:
+    """Batch normalised structures (see the module docstring).
+
+    :class:`~escn_train.data.checks.BadSample` markers (``skip_bad_samples``) are dropped and
+    listed in ``batch.skipped``; a batch of markers only becomes ``None`` (the step is skipped).
+    """
     if not data_list:
         raise ValueError("cannot collate an empty list of structures")
+    skipped = [d.source for d in data_list if isinstance(d, BadSample)]
+    if skipped:
+        data_list = [d for d in data_list if not isinstance(d, BadSample)]
+        if not data_list:
+            return None
+        batch = collate_structures(data_list)
+        batch.skipped = skipped
+        return batch
     if not all(has_edges(d) for d in data_list):
         for data in data_list:
             strip_edges(data)

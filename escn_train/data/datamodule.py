@@ -23,6 +23,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from escn_train.data.checks import SampleChecker
 from escn_train.data.collate import collate_structures
 from escn_train.data.graph_selection import GraphSelection
 from escn_train.data.lmdb_dataset import LmdbDataset
@@ -57,6 +58,12 @@ class LmdbDataModule(L.LightningDataModule):
         stats_cache_dir: where statistics are cached when the data directory is read-only.
         max_num_elements: length of the element-reference vector in the statistics.
         progress: show progress bars for dataset scans.
+        check_samples: check every structure as it is read (labels for train/val/test,
+            element range, finite values, overlaps; see :class:`~escn_train.data.checks.SampleChecker`).
+        min_distance: atoms closer than this (Å) are an error (None: no overlap check).
+        neighbor_cutoff: a structure with no pair within this radius is an error (the
+            model's cutoff; None: no check).
+        skip_bad_samples: skip (warn, count, log as ``data/skipped_samples``) instead of failing.
     """
 
     def __init__(
@@ -80,8 +87,16 @@ class LmdbDataModule(L.LightningDataModule):
         stats_cache_dir: str | os.PathLike | None = None,
         max_num_elements: int = 100,
         progress: bool = True,
+        check_samples: bool = True,
+        min_distance: float | None = 0.1,
+        neighbor_cutoff: float | None = None,
+        skip_bad_samples: bool = False,
     ) -> None:
         super().__init__()
+        self.check_samples = check_samples
+        self.min_distance = min_distance
+        self.neighbor_cutoff = neighbor_cutoff
+        self.skip_bad_samples = skip_bad_samples
         self.splits = {"train": train, "val": val, "test": test, "predict": predict}
         for name, spec in self.splits.items():
             if isinstance(spec, Mapping):
@@ -125,8 +140,20 @@ class LmdbDataModule(L.LightningDataModule):
                 subset_seed=spec.get("subset_seed"),
                 transform=self.graph_selection,
                 check_edges=self.graph_selection.use_precomputed_edges,
+                checker=self._checker(split),
+                skip_bad=self.skip_bad_samples,
             )
         return self.datasets[split]
+
+    def _checker(self, split: str) -> SampleChecker | None:
+        if not self.check_samples:
+            return None
+        return SampleChecker(
+            require_labels=split != "predict",
+            max_num_elements=self.max_num_elements,
+            min_distance=self.min_distance,
+            neighbor_cutoff=self.neighbor_cutoff,
+        )
 
     def setup(self, stage: str | None = None) -> None:
         """Open the datasets the stage needs (all configured ones when ``stage`` is None)."""

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch_geometric.data import Data
 
+from escn_train.data.checks import BadSample, SampleChecker
 from escn_train.data.graph_selection import edge_distance_error, strip_edges
 from escn_train.data.records import apply_key_mapping, fields_to_data
 from escn_train.data.safe_pickle import record_fields, safe_loads
@@ -179,6 +180,10 @@ class LmdbDataset(torch.utils.data.Dataset):
             them (with a warning) from entries where they contradict the positions. Off by
             default, so entries come back exactly as stored; the data module turns it on
             when it will feed precomputed edges to the model.
+        checker: a :class:`~escn_train.data.checks.SampleChecker` run on every decoded entry.
+        skip_bad: instead of raising on an unreadable or failing entry, warn (once per entry)
+            and return a :class:`~escn_train.data.checks.BadSample` marker, which collation
+            drops and counts; :attr:`skipped` lists the entries skipped in this process.
     """
 
     def __init__(
@@ -189,7 +194,13 @@ class LmdbDataset(torch.utils.data.Dataset):
         subset_seed: int | None = None,
         transform: Callable[[Data], Data] | None = None,
         check_edges: bool = False,
+        checker: SampleChecker | None = None,
+        skip_bad: bool = False,
     ) -> None:
+        self.checker = checker
+        self.skip_bad = skip_bad
+        #: Sources (file, key) of the entries skipped in this process, with the reason.
+        self.skipped: dict[str, str] = {}
         self.path = Path(path).expanduser()
         self.paths = resolve_lmdb_paths(self.path)
         self.key_mapping = dict(key_mapping or {})
@@ -237,12 +248,26 @@ class LmdbDataset(torch.utils.data.Dataset):
     def _env(self, shard: int) -> lmdb.Environment:
         return open_lmdb(self.paths[shard])
 
-    def _decode(self, raw: bytes | None, shard: int, key: bytes, transform: bool = True) -> Data:
+    def _decode(self, raw: bytes | None, shard: int, key: bytes, transform: bool = True) -> Data | BadSample:
+        if not self.skip_bad:
+            return self._decode_strict(raw, shard, key, transform)
+        try:
+            return self._decode_strict(raw, shard, key, transform)
+        except Exception as err:  # skip mode: every kind of bad entry becomes a counted marker
+            source = f"{self.paths[shard]}, key {key!r}"
+            if source not in self.skipped:
+                self.skipped[source] = str(err)
+                warnings.warn(f"skipping bad sample ({type(err).__name__}): {err}", stacklevel=2)
+            return BadSample(source, str(err))
+
+    def _decode_strict(self, raw: bytes | None, shard: int, key: bytes, transform: bool = True) -> Data:
         source = f"{self.paths[shard]}, key {key!r}"
         if raw is None:
             raise KeyError(f"{source}: entry is missing (the file's 'length' says it should exist)")
         fields = apply_key_mapping(record_fields(safe_loads(raw, source), source), self.key_mapping, source)
         data = fields_to_data(fields, source)
+        if self.checker is not None:
+            self.checker(data, source)
         if self.check_edges:
             bad, worst = edge_distance_error(data)
             if bad:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from escn_train.data.checks import BadSample
 from escn_train.data.lmdb_dataset import LmdbDataset
 
 STATISTICS_VERSION = 1
@@ -52,7 +53,9 @@ def compute_statistics(
     has_fixed = True
     with tqdm(total=len(dataset), desc="dataset statistics", unit="structure", disable=not progress) as bar:
         for indices in _chunks(len(dataset), chunk_size):
-            items = dataset.get_many(indices, transform=False)
+            items = [d for d in dataset.get_many(indices, transform=False) if not isinstance(d, BadSample)]
+            if not items:
+                continue
             for name in ("energy", "forces"):
                 missing = [i for i, d in zip(indices, items) if name not in d]
                 if missing:

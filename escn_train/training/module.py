@@ -20,6 +20,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from torchmetrics import MeanMetric
 
 from escn_train.models.escn import eSCN
 from escn_train.models.potential import ESCNPotential
@@ -32,6 +33,7 @@ NORMALIZER_KEYS = (
     "energy_mean", "energy_std", "force_std", "element_references", "force_std_free_atoms", "energy_scale",
 )
 SPLITS = ("train", "val", "test")
+LOSS_NAMES = ("loss", "energy_loss", "forces_loss")
 
 
 def normalizers_from_statistics(stats: Mapping[str, Any], config: Mapping[str, Any]) -> dict[str, Any]:
@@ -129,6 +131,9 @@ class PotentialModule(L.LightningModule):
         self.metrics_on_free_atoms = metrics_on_free_atoms
         self.train_metrics = train_metrics
         self.metrics = torch.nn.ModuleDict({f"{split}_metrics": EnergyForceMetrics() for split in SPLITS})
+        self.eval_loss_means = torch.nn.ModuleDict(
+            {f"{split}_{name}": MeanMetric() for split in ("val", "test") for name in LOSS_NAMES}
+        )
         self.run_info: dict[str, Any] = {}  # e.g. the wandb run id; saved with checkpoints
         #: Return physical predictions from val/test steps (set by the parity-plot callback).
         self.collect_predictions = False
@@ -138,6 +143,8 @@ class PotentialModule(L.LightningModule):
         self.last_train_loss: torch.Tensor | None = None
         #: Set by the guard when this batch's optimizer step was skipped (the EMA skips it too).
         self.step_skipped = False
+        #: Bad samples dropped per split (``data.skip_bad_samples``), logged as data/skipped_samples_<split>.
+        self.skipped_samples = {split: 0 for split in SPLITS}
 
     # ------------------------------------------------------------------ normalisers
     @torch.no_grad()
@@ -226,15 +233,15 @@ class PotentialModule(L.LightningModule):
         losses = self.loss_fn(e_pred * s, e_norm * s, f_pred, f_norm, self._force_mask(batch, for_metrics=False))
         num_structures = e_true.shape[0]
         for name, value in losses.items():
-            self.log(
-                f"{split}/{name}",
-                value,
-                on_step=split == "train",
-                on_epoch=True,
-                prog_bar=name == "loss",
-                batch_size=num_structures,
-                sync_dist=split != "train",
-            )
+            if split == "train":
+                self.log(f"train/{name}", value, on_step=True, on_epoch=True, prog_bar=name == "loss",
+                         batch_size=num_structures)
+                continue
+            # Evaluation: a structure-weighted mean with summed states, exact over uneven DDP shards.
+            mean = self.eval_loss_means[f"{split}_{name}"]
+            mean.update(value.detach(), weight=num_structures)
+            self.log(f"{split}/{name}", mean, on_step=False, on_epoch=True, prog_bar=name == "loss",
+                     batch_size=num_structures)
         result: dict[str, Any] = {"loss": losses["loss"]}
         if split == "train":
             self.last_train_loss = losses["loss"].detach()
@@ -262,16 +269,32 @@ class PotentialModule(L.LightningModule):
             }
         return result
 
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+    def _count_skipped(self, batch: Any, split: str) -> bool:
+        """Count samples dropped by ``skip_bad_samples``; False when the whole batch was dropped."""
+        skipped = 0 if batch is None else len(getattr(batch, "skipped", None) or [])
+        if batch is None:
+            skipped = -1  # unknown number: every sample of the batch was bad
+        if skipped:
+            self.skipped_samples[split] += max(skipped, 1)
+            where = ", ".join(getattr(batch, "skipped", None) or []) if batch is not None else "a whole batch"
+            print(f"WARNING: {split}: skipped bad samples: {where}", flush=True)
+        self.log(f"data/skipped_samples_{split}", float(self.skipped_samples[split]), on_step=False, on_epoch=True,
+                 batch_size=1, reduce_fx="max")
+        return batch is not None
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
+        if not self._count_skipped(batch, "train"):
+            self.last_train_loss = None
+            return None  # Lightning skips backward and the optimizer step
         out = self._step(batch, "train")
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
         return out["loss"]
 
-    def validation_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
-        return self._step(batch, "val")
+    def validation_step(self, batch: Any, batch_idx: int) -> dict[str, Any] | None:
+        return self._step(batch, "val") if self._count_skipped(batch, "val") else None
 
-    def test_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
-        return self._step(batch, "test")
+    def test_step(self, batch: Any, batch_idx: int) -> dict[str, Any] | None:
+        return self._step(batch, "test") if self._count_skipped(batch, "test") else None
 
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
         return self(batch)

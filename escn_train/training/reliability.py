@@ -63,6 +63,18 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
         pass
 
 
+def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
+    """Delete ``.*.ckpt.*.tmp`` files a killed save left in ``directory``; returns them."""
+    directory = Path(directory)
+    stale = sorted(directory.glob(".*.ckpt.*.tmp")) if directory.is_dir() else []
+    for path in stale:
+        try:
+            path.unlink()
+        except OSError:
+            pass
+    return stale
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning ``CheckpointIO`` whose local writes are atomic (remote paths: fsspec as before)."""
 

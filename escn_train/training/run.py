@@ -20,6 +20,7 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from escn_train.training.checkpoint import init_module_from_checkpoint, read_checkpoint
 from escn_train.training.config_checks import ConfigError, check_config
@@ -27,9 +28,9 @@ from escn_train.training.module import PotentialModule
 from escn_train.training.reliability import (
     AtomicCheckpointIO,
     GracefulShutdown,
-    GracefulStop,
     NonFiniteGuard,
     cluster_plugins,
+    remove_stale_temporaries,
 )
 
 WANDB_ID_FILE = "wandb_id.txt"
@@ -231,18 +232,24 @@ def run_training(cfg: Mapping[str, Any], run_dir: str | os.PathLike) -> dict[str
     )
     if trainer.is_global_zero:
         print(f"run directory: {run_dir}" + (f"  (resuming from {ckpt_path})" if ckpt_path else ""))
+        for stale in remove_stale_temporaries(run_dir / "checkpoints"):
+            print(f"removed {stale} (left by a save that was killed)")
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    except GracefulStop as stop:
+    except SIGTERMException as stop:  # GracefulStop, or SIGTERM outside a training batch
+        shutdown = next((c for c in reliability_callbacks if isinstance(c, GracefulShutdown)), None)
+        if shutdown is None or shutdown.saved_path is None:
+            raise
+        signal_name = getattr(stop, "signal_name", "SIGTERM")
         results = {
-            "interrupted": stop.signal_name,
-            "checkpoint": stop.checkpoint,
+            "interrupted": signal_name,
+            "checkpoint": shutdown.saved_path,
             "global_step": trainer.global_step,
             "wall_time_s": time.perf_counter() - started,
         }
         if trainer.is_global_zero:
-            print(f"training stopped by {stop.signal_name} at step {trainer.global_step}; resume with "
-                  f"ckpt_path={stop.checkpoint} (or resume=auto)", flush=True)
+            print(f"training stopped by {signal_name} at step {trainer.global_step}; resume with "
+                  f"ckpt_path={shutdown.saved_path} (or resume=auto)", flush=True)
         return results
 
     results: dict[str, Any] = {}

@@ -1,0 +1,115 @@
+"""Sanity checks of single structures read from a dataset, and the skip-mode marker.
+
+:class:`SampleChecker` raises :class:`BadSampleError` naming the entry (file and key) and
+what was expected, for: missing labels (``energy``/``forces`` when training), unknown
+elements (atomic number outside ``1..max_num_elements-1``), non-finite positions, cell or
+labels, overlapping atoms (closer than ``min_distance``, periodic images included) and
+structures without any neighbour inside ``neighbor_cutoff``.
+
+With ``skip_bad_samples`` the dataset returns a :class:`BadSample` marker instead of
+raising; collation drops markers and records them on the batch (``batch.skipped``), and
+the training module counts and logs them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch_geometric.data import Data
+
+from escn_train.graph import radius_graph_pbc
+
+
+class BadSampleError(ValueError):
+    """A structure that cannot be trained on; the message names file, key and problem."""
+
+
+@dataclass
+class BadSample:
+    """Placeholder for an entry skipped in ``skip_bad_samples`` mode."""
+
+    source: str
+    reason: str
+    natoms: int = 0
+
+
+class SampleChecker:
+    """Checks one decoded structure (see the module docstring).
+
+    Args:
+        require_labels: ``energy`` and ``forces`` must be present (training/evaluation).
+        max_num_elements: atomic numbers must lie in ``1..max_num_elements-1``.
+        min_distance: smallest allowed interatomic distance in Å (None: no check).
+        neighbor_cutoff: every structure needs at least one pair within this radius
+            (the model's cutoff; None: no check).
+    """
+
+    def __init__(
+        self,
+        require_labels: bool = True,
+        max_num_elements: int | None = 100,
+        min_distance: float | None = 0.1,
+        neighbor_cutoff: float | None = None,
+    ) -> None:
+        self.require_labels = require_labels
+        self.max_num_elements = max_num_elements
+        self.min_distance = min_distance
+        self.neighbor_cutoff = neighbor_cutoff
+
+    def __call__(self, data: Data, source: str) -> None:
+        """Raise :class:`BadSampleError` when ``data`` (read from ``source``) is unusable."""
+        present = sorted(data.keys())
+        if self.require_labels:
+            for name in ("energy", "forces"):
+                if name not in data:
+                    raise BadSampleError(
+                        f"{source}: entry has no '{name}' label (fields present: {present}); training and "
+                        "evaluation need energy and forces (pass key_mapping if the file names them differently)"
+                    )
+        z = data.atomic_numbers
+        if self.max_num_elements is not None and z.numel():
+            bad = (z < 1) | (z >= self.max_num_elements)
+            if bool(bad.any()):
+                i = int(bad.nonzero()[0, 0])
+                raise BadSampleError(
+                    f"{source}: atom {i} has atomic number {int(z[i])}, outside 1..{self.max_num_elements - 1} "
+                    f"(model/data max_num_elements={self.max_num_elements})"
+                )
+        for name in ("pos", "cell", "forces"):
+            if name in data and not bool(torch.isfinite(data[name]).all()):
+                raise BadSampleError(f"{source}: field '{name}' holds NaN or infinite values")
+        if "energy" in data and not torch.isfinite(torch.as_tensor(float(data.energy))):
+            raise BadSampleError(f"{source}: energy is {data.energy}")
+        if data.natoms == 0:
+            raise BadSampleError(f"{source}: structure has no atoms")
+        self._check_geometry(data, source)
+
+    def _check_geometry(self, data: Data, source: str) -> None:
+        pos = data.pos.double()
+        if self.min_distance is not None and pos.shape[0] > 1:
+            dist = torch.cdist(pos, pos)
+            dist.fill_diagonal_(float("inf"))
+            closest = float(dist.min())
+            if closest < self.min_distance:
+                i, j = divmod(int(dist.argmin()), pos.shape[0])
+                raise BadSampleError(
+                    f"{source}: atoms {i} and {j} are {closest:.3f} Å apart (overlapping; minimum {self.min_distance} Å)"
+                )
+        pbc = data.pbc.reshape(3) if "pbc" in data else None
+        periodic = pbc is None or bool(pbc.any())
+        natoms = torch.tensor([pos.shape[0]])
+        if self.min_distance is not None and periodic:
+            graph = radius_graph_pbc(data.pos, data.cell, natoms, self.min_distance, 1, pbc=pbc)
+            if graph.edge_index.shape[1]:
+                raise BadSampleError(
+                    f"{source}: atom {int(graph.edge_index[1, 0])} is closer than {self.min_distance} Å to a periodic "
+                    f"image of atom {int(graph.edge_index[0, 0])} (overlapping atoms)"
+                )
+        if self.neighbor_cutoff is not None:
+            graph = radius_graph_pbc(data.pos, data.cell, natoms, self.neighbor_cutoff, 1, pbc=pbc)
+            if graph.edge_index.shape[1] == 0:
+                raise BadSampleError(
+                    f"{source}: no two atoms are within the cutoff of {self.neighbor_cutoff} Å "
+                    "(the structure has no edges; the model cannot use it)"
+                )
