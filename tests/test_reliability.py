@@ -276,3 +276,57 @@ def test_ddp_uneven_shards_finish_and_test_metrics_match_one_process(stats_dir, 
     assert "test/forces_mae" in keys and "test/loss" in keys
     for key in keys:
         assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-6), key
+
+
+# ----------------------------------------------------------------------------- real module, NaN labels
+TINY_MODEL = dict(num_layers=1, lmax=1, mmax=1, sphere_channels=8, hidden_channels=8, edge_channels=8,
+                  num_sphere_samples=8, max_neighbors=12, distance_resolution=0.1, cutoff=6.0)
+
+
+def _nan_label_module(bad_steps: set[int]):
+    from escn_train.training.module import PotentialModule
+
+    class NanLabels(PotentialModule):
+        """Injects NaN energies into the batches of ``bad_steps`` (after the data checks)."""
+
+        def training_step(self, batch, batch_idx):
+            if self.global_step in bad_steps:
+                batch.energy = batch.energy * float("nan")
+            return super().training_step(batch, batch_idx)
+
+    return NanLabels(model=TINY_MODEL, ema={"decay": 0.9}, optimizer={"name": "adamw", "lr": 1e-2},
+                     normalizer={"energy_mean": 0.0, "energy_std": 1.0, "force_std": 1.0, "element_references": False})
+
+
+@pytest.mark.skipif(not (REPO / "data" / "demo" / "train.lmdb").exists(), reason="demo data not generated")
+def test_potential_module_skips_nan_label_steps_with_clipping(tmp_path):
+    from escn_train.data import LmdbDataModule
+
+    torch.manual_seed(0)
+    data = LmdbDataModule(train={"src": str(REPO / "data" / "demo" / "train.lmdb"), "subset": 24}, batch_size=4,
+                          progress=False, stats_cache_dir=str(tmp_path))
+    module, guard = _nan_label_module({1, 3}), NonFiniteGuard(3)
+    snapshots = []
+
+    class Snapshot(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            snapshots.append([p.detach().clone() for p in pl_module.potential.parameters()])
+
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False, callbacks=[guard, Snapshot()], gradient_clip_val=1.0,
+                        limit_val_batches=0)
+    trainer.fit(module, datamodule=data)
+    assert guard.skipped == 2 and trainer.global_step == 6
+    assert all(torch.isfinite(p).all() for p in module.potential.parameters())
+    for step in (1, 3):
+        assert all(torch.equal(a, b) for a, b in zip(snapshots[step], snapshots[step - 1])), step
+    assert not all(torch.equal(a, b) for a, b in zip(snapshots[2], snapshots[1]))
+    assert int(module.ema.num_updates) == 4  # skipped steps do not move the EMA
+    assert float(trainer.callback_metrics["train/skipped_steps"]) == 2
+
+    module, guard = _nan_label_module({2, 3, 4}), NonFiniteGuard(3)
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False, callbacks=[guard], gradient_clip_val=1.0,
+                        limit_val_batches=0)
+    with pytest.raises(NonFiniteLossError, match=r"3 consecutive .*epoch 0, batch 4, sid \d+, \d+, \d+, \d+"):
+        trainer.fit(module, datamodule=data)

@@ -224,14 +224,12 @@ class GracefulShutdown(L.Callback):
             self._previous_usr1 = None
 
     def _stop_requested(self, trainer: L.Trainer) -> str | None:
-        if trainer.received_sigterm:
-            return "SIGTERM"
-        requested = self.requested
-        if trainer.world_size > 1:  # every rank must take the same branch (save has collectives)
-            flag = torch.tensor([1 if requested else 0], device=trainer.strategy.root_device)
-            flag = trainer.strategy.reduce(flag, reduce_op="sum")
-            requested = requested or ("SIGUSR1" if int(flag) > 0 else None)
-        return requested
+        """The signal to stop for, agreed by all ranks (saving has collectives, so all must stop)."""
+        code = 1 if trainer.received_sigterm else 2 if self.requested else 0
+        if trainer.world_size > 1:
+            flag = torch.tensor([float(code)], device=trainer.strategy.root_device)
+            code = int(trainer.strategy.reduce(flag, reduce_op="max").item())
+        return {0: None, 1: "SIGTERM", 2: "SIGUSR1"}[code]
 
     def _save(self, trainer: L.Trainer, name: str) -> None:
         path = last_checkpoint_path(trainer)
