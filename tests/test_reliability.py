@@ -330,3 +330,17 @@ def test_potential_module_skips_nan_label_steps_with_clipping(tmp_path):
                         limit_val_batches=0)
     with pytest.raises(NonFiniteLossError, match=r"3 consecutive .*epoch 0, batch 4, sid \d+, \d+, \d+, \d+"):
         trainer.fit(module, datamodule=data)
+
+
+def test_resume_auto_takes_the_newest_of_last_and_slurm_requeue_checkpoints(tmp_path):
+    from escn_train.training.run import resolve_ckpt_path
+
+    assert resolve_ckpt_path({"resume": "auto"}, tmp_path) is None
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    atomic_torch_save({"global_step": 5}, last)
+    os.utime(last, ns=(1_000_000_000, 1_000_000_000))
+    assert resolve_ckpt_path({"resume": "auto"}, tmp_path) == str(last)
+    hpc = tmp_path / "hpc_ckpt_1.ckpt"
+    atomic_torch_save({"global_step": 7}, hpc)
+    assert resolve_ckpt_path({"resume": "auto"}, tmp_path) == str(hpc)
+    assert resolve_ckpt_path({"resume": "never"}, tmp_path) is None

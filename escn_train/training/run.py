@@ -70,16 +70,19 @@ def build_module(cfg: Mapping[str, Any]) -> PotentialModule:
 
 
 def resolve_ckpt_path(cfg: Mapping[str, Any], run_dir: Path) -> str | None:
-    """The checkpoint to resume from: ``ckpt_path``, or the run's ``last.ckpt`` with ``resume=auto``."""
+    """The checkpoint to resume from: ``ckpt_path``, or with ``resume=auto`` the newest of the run's
+    ``checkpoints/last.ckpt`` and ``hpc_ckpt_*.ckpt`` (SLURM requeue)."""
     path = cfg.get("ckpt_path")
     if path:
         if not os.path.isfile(path):
             raise ConfigError(f"ckpt_path: no such checkpoint file: {path}")
         return str(path)
     if cfg.get("resume", "never") == "auto":
-        last = run_dir / "checkpoints" / "last.ckpt"
-        if last.is_file():
-            return str(last)
+        # last.ckpt, or a newer checkpoint Lightning's SLURM requeue handler wrote (hpc_ckpt_N.ckpt)
+        candidates = [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")]
+        candidates = [path for path in candidates if path.is_file()]
+        if candidates:
+            return str(max(candidates, key=lambda path: path.stat().st_mtime_ns))
     return None
 
 
