@@ -344,3 +344,26 @@ def test_resume_auto_takes_the_newest_of_last_and_slurm_requeue_checkpoints(tmp_
     atomic_torch_save({"global_step": 7}, hpc)
     assert resolve_ckpt_path({"resume": "auto"}, tmp_path) == str(hpc)
     assert resolve_ckpt_path({"resume": "never"}, tmp_path) is None
+
+
+class _SignalInValidation(_Toy):
+    def validation_step(self, batch, batch_idx):
+        if batch_idx == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # Lightning's handler takes it; the eval loop stops
+        return None
+
+
+def test_sigterm_during_validation_writes_last_checkpoint(tmp_path):
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from escn_train.training.reliability import GracefulShutdown
+
+    shutdown = GracefulShutdown()
+    trainer = L.Trainer(max_epochs=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False, callbacks=[shutdown], default_root_dir=str(tmp_path), num_sanity_val_steps=0,
+                        plugins=[AtomicCheckpointIO()])
+    with pytest.raises(SIGTERMException):
+        trainer.fit(_SignalInValidation(), _toy_loader(set()), _toy_loader(set(), n=4))
+    assert shutdown.saved_path == str(tmp_path / "checkpoints" / "last.ckpt")
+    saved = torch.load(shutdown.saved_path, map_location="cpu", weights_only=True)
+    assert saved["global_step"] == 8  # the first epoch's 8 steps, stopped in its validation
