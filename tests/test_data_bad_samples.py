@@ -167,3 +167,19 @@ def test_train_fails_naming_the_bad_entry_or_skips_and_counts_it(tmp_path):
     metrics = json.loads((tmp_path / "skip" / "metrics.json").read_text())
     assert metrics["data/skipped_samples_train"] == 1 and metrics["data/skipped_samples_val"] == 1
     assert metrics["global_step"] == 4
+
+
+def test_each_entry_is_checked_once_per_process(tmp_path):
+    calls = []
+
+    class Counting(SampleChecker):
+        def __call__(self, data, source):
+            calls.append(source)
+            super().__call__(data, source)
+
+    path = write_lmdb(tmp_path / "c.lmdb", {str(i).encode(): pickle.dumps(good(i)) for i in range(3)}, length=3)
+    dataset = LmdbDataset(path, checker=Counting())
+    dataset.get_many([0, 1, 2])
+    dataset.get_many([2, 1])
+    dataset[0]
+    assert len(calls) == 3

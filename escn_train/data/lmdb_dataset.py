@@ -224,6 +224,8 @@ class LmdbDataset(torch.utils.data.Dataset):
         self.indices = select_subset(total, subset, subset_seed, str(self.path))
         self._subset_digest = None if self.indices is None else hashlib.sha256(self.indices.tobytes()).hexdigest()
         self._warned_shards: set[int] = set()
+        #: One bit per entry: passed the checker in this process (skipped on later reads).
+        self._checked = np.zeros((total + 7) // 8, dtype=np.uint8)
 
     # ----------------------------------------------------------------------------- access
     def __len__(self) -> int:
@@ -235,6 +237,10 @@ class LmdbDataset(torch.utils.data.Dataset):
         return int(self._starts[-1])
 
     def _locate(self, index: int) -> tuple[int, bytes]:
+        shard, key, _ = self._locate_flat(index)
+        return shard, key
+
+    def _locate_flat(self, index: int) -> tuple[int, bytes, int]:
         n = len(self)
         if not -n <= index < n:
             raise IndexError(f"index {index} out of range for dataset {self.path} of length {n}")
@@ -243,16 +249,18 @@ class LmdbDataset(torch.utils.data.Dataset):
         shard = int(np.searchsorted(self._starts, flat, side="right") - 1)
         local = flat - int(self._starts[shard])
         keys = self._keys[shard]
-        return shard, str(local if keys is None else int(keys[local])).encode("ascii")
+        return shard, str(local if keys is None else int(keys[local])).encode("ascii"), flat
 
     def _env(self, shard: int) -> lmdb.Environment:
         return open_lmdb(self.paths[shard])
 
-    def _decode(self, raw: bytes | None, shard: int, key: bytes, transform: bool = True) -> Data | BadSample:
+    def _decode(
+        self, raw: bytes | None, shard: int, key: bytes, transform: bool = True, flat: int = -1
+    ) -> Data | BadSample:
         if not self.skip_bad:
-            return self._decode_strict(raw, shard, key, transform)
+            return self._decode_strict(raw, shard, key, transform, flat)
         try:
-            return self._decode_strict(raw, shard, key, transform)
+            return self._decode_strict(raw, shard, key, transform, flat)
         except Exception as err:  # skip mode: every kind of bad entry becomes a counted marker
             source = f"{self.paths[shard]}, key {key!r}"
             if source not in self.skipped:
@@ -260,14 +268,16 @@ class LmdbDataset(torch.utils.data.Dataset):
                 warnings.warn(f"skipping bad sample ({type(err).__name__}): {err}", stacklevel=2)
             return BadSample(source, str(err))
 
-    def _decode_strict(self, raw: bytes | None, shard: int, key: bytes, transform: bool = True) -> Data:
+    def _decode_strict(self, raw: bytes | None, shard: int, key: bytes, transform: bool = True, flat: int = -1) -> Data:
         source = f"{self.paths[shard]}, key {key!r}"
         if raw is None:
             raise KeyError(f"{source}: entry is missing (the file's 'length' says it should exist)")
         fields = apply_key_mapping(record_fields(safe_loads(raw, source), source), self.key_mapping, source)
         data = fields_to_data(fields, source)
-        if self.checker is not None:
+        if self.checker is not None and not (flat >= 0 and self._checked[flat >> 3] & (1 << (flat & 7))):
             self.checker(data, source)
+            if flat >= 0:  # each entry is checked once per process (the geometry checks cost ~1-2 ms)
+                self._checked[flat >> 3] |= 1 << (flat & 7)
         if self.check_edges:
             bad, worst = edge_distance_error(data)
             if bad:
@@ -278,24 +288,24 @@ class LmdbDataset(torch.utils.data.Dataset):
         return data
 
     def __getitem__(self, index: int) -> Data:
-        shard, key = self._locate(int(index))
+        shard, key, flat = self._locate_flat(int(index))
         with self._env(shard).begin() as txn:
             raw = txn.get(key)
-        return self._decode(raw, shard, key)
+        return self._decode(raw, shard, key, flat=flat)
 
     def get_many(self, indices: Sequence[int], transform: bool = True) -> list[Data]:
         """Read several entries with one read transaction per shard.
 
         ``transform=False`` skips the dataset's transform (for scans such as statistics).
         """
-        located = [self._locate(int(i)) for i in indices]
+        located = [self._locate_flat(int(i)) for i in indices]
         raws: list[bytes | None] = [None] * len(located)
-        for shard in sorted({s for s, _ in located}):
+        for shard in sorted({s for s, _, _ in located}):
             with self._env(shard).begin() as txn:
-                for pos, (s, key) in enumerate(located):
+                for pos, (s, key, _) in enumerate(located):
                     if s == shard:
                         raws[pos] = txn.get(key)
-        return [self._decode(raw, s, key, transform) for raw, (s, key) in zip(raws, located)]
+        return [self._decode(raw, s, key, transform, flat) for raw, (s, key, flat) in zip(raws, located)]
 
     def __getitems__(self, indices: Sequence[int]) -> list[Data]:
         """Batched read used by ``DataLoader`` (one call per batch instead of one per sample)."""
