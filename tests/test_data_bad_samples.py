@@ -8,7 +8,6 @@ from pathlib import Path
 import lmdb
 import numpy as np
 import pytest
-import torch
 
 from escn_train.data import LmdbDataModule, LmdbDataset
 from escn_train.data.checks import BadSample, BadSampleError, SampleChecker

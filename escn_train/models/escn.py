@@ -83,9 +83,9 @@ def sum_into_targets(values: torch.Tensor, index: torch.Tensor, num_targets: int
 GRID_BLOCK_FLOATS = 2**20
 
 
-def _edge_blocks(num_edges: int, grid_values_per_edge: int) -> range:
-    step = max(1, GRID_BLOCK_FLOATS // max(1, grid_values_per_edge))
-    return range(0, num_edges, step)
+def _edge_block_size(to_grid: torch.Tensor, y: torch.Tensor) -> int:
+    """Edges per block for grid values of ``to_grid.shape[0]`` points x ``y.shape[2]`` channels."""
+    return max(1, GRID_BLOCK_FLOATS // max(1, to_grid.shape[0] * y.shape[2]))
 
 
 class _GridSiLU(torch.autograd.Function):
@@ -100,7 +100,7 @@ class _GridSiLU(torch.autograd.Function):
     @staticmethod
     def forward(y: torch.Tensor, to_grid: torch.Tensor, from_grid: torch.Tensor) -> torch.Tensor:
         out = y.new_empty(y.shape[0], from_grid.shape[0], y.shape[2])
-        step = _edge_blocks(y.shape[0], to_grid.shape[0] * y.shape[2]).step
+        step = _edge_block_size(to_grid, y)
         for start in range(0, y.shape[0], step):
             block = y[start : start + step]
             out[start : start + step] = torch.matmul(from_grid, nn.functional.silu(torch.matmul(to_grid, block)))
@@ -114,7 +114,7 @@ class _GridSiLU(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         y, to_grid, from_grid = ctx.saved_tensors
         grad_y = torch.empty_like(y)
-        step = _edge_blocks(y.shape[0], to_grid.shape[0] * y.shape[2]).step
+        step = _edge_block_size(to_grid, y)
         for start in range(0, y.shape[0], step):
             grid = torch.matmul(to_grid, y[start : start + step])
             grad_grid = torch.ops.aten.silu_backward(torch.matmul(from_grid.t(), grad[start : start + step]), grid)
@@ -587,7 +587,7 @@ def _accept_reference_layout(
         local = key[len(prefix) :]
         if local == "sphharm_weights.0":
             state_dict[prefix + "sphharm_weights"] = state_dict.pop(key)
-        elif any(marker in local for marker in _REFERENCE_CONSTANT_MARKERS) or local.startswith("Jd_"):
+        elif any(marker in local for marker in _REFERENCE_CONSTANT_MARKERS):
             del state_dict[key]
 
 
