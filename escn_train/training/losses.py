@@ -28,16 +28,23 @@ class LossConfigError(ValueError):
     """A loss setting is invalid; the message names the config key."""
 
 
-def energy_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "mae", delta: float = 1.0) -> torch.Tensor:
-    """Mean energy loss over structures (``pred``, ``target``: [B])."""
-    pred, target = pred.float().view(-1), target.float().view(-1)
+def _elementwise_loss(pred: torch.Tensor, target: torch.Tensor, kind: str, delta: float) -> torch.Tensor | None:
+    """Mean of an elementwise loss shared by energies and forces; None for an unknown kind."""
     if kind == "mae":
         return (pred - target).abs().mean()
     if kind == "mse":
         return (pred - target).pow(2).mean()
     if kind == "huber":
         return F.huber_loss(pred, target, delta=delta)
-    raise LossConfigError(f"loss.energy.type: unknown energy loss {kind!r}; choose from {', '.join(ENERGY_LOSSES)}")
+    return None
+
+
+def energy_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "mae", delta: float = 1.0) -> torch.Tensor:
+    """Mean energy loss over structures (``pred``, ``target``: [B])."""
+    loss = _elementwise_loss(pred.float().view(-1), target.float().view(-1), kind, delta)
+    if loss is None:
+        raise LossConfigError(f"loss.energy.type: unknown energy loss {kind!r}; choose from {', '.join(ENERGY_LOSSES)}")
+    return loss
 
 
 def force_loss(
@@ -56,13 +63,10 @@ def force_loss(
         return pred.sum() * 0.0
     if kind == "l2mae":
         return torch.linalg.vector_norm(pred - target, dim=-1).mean()
-    if kind == "mae":
-        return (pred - target).abs().mean()
-    if kind == "mse":
-        return (pred - target).pow(2).mean()
-    if kind == "huber":
-        return F.huber_loss(pred, target, delta=delta)
-    raise LossConfigError(f"loss.forces.type: unknown force loss {kind!r}; choose from {', '.join(FORCE_LOSSES)}")
+    loss = _elementwise_loss(pred, target, kind, delta)
+    if loss is None:
+        raise LossConfigError(f"loss.forces.type: unknown force loss {kind!r}; choose from {', '.join(FORCE_LOSSES)}")
+    return loss
 
 
 @dataclass(frozen=True)
