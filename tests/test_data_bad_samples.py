@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from escn_train.data import LmdbDataModule, LmdbDataset
-from escn_train.data.checks import BadSample, BadSampleError, SampleChecker
+from escn_train.data.checks import BadSample, BadSampleError, SampleChecker, SkippedBatch
 from escn_train.data.collate import collate_structures
 
 
@@ -94,7 +94,9 @@ def test_skip_mode_drops_and_counts_bad_entries(tmp_path, case):
     assert batch.num_graphs == 2 and batch.sid.tolist() == [0, 2]
     assert batch.skipped == [items[1].source]
     assert list(dataset.skipped) == [items[1].source]
-    assert collate_structures([items[1]]) is None  # nothing left: the step is skipped
+    empty = collate_structures([items[1]])  # nothing left: a marker the training step turns into a no-op
+    assert isinstance(empty, SkippedBatch) and empty.num_graphs == 0 and empty.skipped == [items[1].source]
+    assert int(empty.natoms.sum()) == 0
 
 
 def test_missing_entry_and_empty_and_missing_paths(tmp_path):

@@ -367,3 +367,175 @@ def test_sigterm_during_validation_writes_last_checkpoint(tmp_path):
     assert shutdown.saved_path == str(tmp_path / "checkpoints" / "last.ckpt")
     saved = torch.load(shutdown.saved_path, map_location="cpu", weights_only=True)
     assert saved["global_step"] == 8  # the first epoch's 8 steps, stopped in its validation
+
+
+# ----------------------------------------------------------------------------- skip mode under DDP
+def _demo_raw_entries(count: int) -> list[bytes]:
+    from escn_train.data.lmdb_dataset import open_lmdb
+
+    with open_lmdb(REPO / "data" / "demo" / "train.lmdb").begin() as txn:
+        return [txn.get(str(i).encode()) for i in range(count)]
+
+
+def _write_lmdb(path: Path, entries: list[bytes]) -> Path:
+    import pickle
+
+    import lmdb
+
+    env = lmdb.open(str(path), subdir=False, map_size=1 << 26)
+    with env.begin(write=True) as txn:
+        for i, raw in enumerate(entries):
+            txn.put(str(i).encode(), raw)
+        txn.put(b"length", pickle.dumps(len(entries)))
+    env.close()
+    return path
+
+
+def _rank_batches(path: Path, batch_size: int, replicas: int = 2, seed: int = 0) -> list[list[list[int]]]:
+    """The training batches each rank gets in epoch 0, computed as the datamodule does (skip mode)."""
+    from escn_train.data import LmdbDataset
+    from escn_train.data.checks import SampleChecker
+    from escn_train.data.statistics import dataset_natoms
+
+    with pytest.warns(UserWarning, match="skipping bad sample"):
+        natoms = dataset_natoms(LmdbDataset(path, checker=SampleChecker(neighbor_cutoff=6.0), skip_bad=True),
+                                progress=False)
+    return [list(AtomBalancedBatchSampler(len(natoms), natoms=natoms, batch_size=batch_size, num_replicas=replicas,
+                                          rank=rank, seed=seed)) for rank in range(replicas)]
+
+
+def _run_with_timeout(cmd: list[str], timeout: float, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run in a new session; on timeout kill the whole group (a hung DDP rank included) and fail."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env or _env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{' '.join(cmd[:3])} … did not finish in {timeout} s (hung?):\n{out[-3000:]}\n{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (REPO / "data" / "demo" / "train.lmdb").exists(), reason="demo data not generated")
+def test_ddp_skip_mode_with_a_rank_left_without_data_finishes_and_counts(tmp_path):
+    import json
+
+    # Train: 16 structures, one per batch, 2 ranks -> 8 steps. Step 0: one rank's only structure is
+    # bad (the other rank trains); step 3: both ranks' structures are bad (the step is skipped).
+    raw = _demo_raw_entries(16)
+    order = torch.randperm(16, generator=torch.Generator().manual_seed(0)).tolist()  # epoch 0, data.seed=0
+    bad = {order[0], order[6], order[7]}
+    train = _write_lmdb(tmp_path / "train.lmdb", [r[:100] if i in bad else r for i, r in enumerate(raw)])
+    per_rank = _rank_batches(train, batch_size=1)
+    assert [set(per_rank[r][0]) <= bad for r in range(2)].count(True) == 1  # the layout this test needs
+    assert all(set(per_rank[r][3]) <= bad for r in range(2))
+    # Val/test: 2 structures, one per rank; rank 1's whole shard is bad.
+    val = _write_lmdb(tmp_path / "val.lmdb", [raw[0], raw[1][:100]])
+    run_dir = tmp_path / "run"
+    cmd = [
+        sys.executable, str(REPO / "train.py"), "data=lmdb", f"data.train.src={train}", f"data.val.src={val}",
+        f"data.test={{src:'{val}'}}", "data.skip_bad_samples=true", "data.batch_size=1", "data.eval_batch_size=1",
+        "data.num_workers=0", "data.progress=false", f"data.stats_cache_dir={tmp_path}",
+        "model.num_layers=1", "model.lmax=1", "model.mmax=1", "model.sphere_channels=8", "model.hidden_channels=8",
+        "model.edge_channels=8", "model.num_sphere_samples=8", "model.max_neighbors=12", "model.distance_resolution=0.1",
+        "trainer.max_epochs=1", "trainer.enable_model_summary=false", "trainer.enable_progress_bar=false",
+        "callbacks.progress_bar=null", "callbacks.parity_plot=null", "scheduler.warmup_steps=2", "threads=1",
+        *DDP, f"hydra.run.dir={run_dir}",
+    ]
+    done = _run_with_timeout(cmd, timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-4000:]
+    assert "WARNING: skipped training step 3: every structure of its batches was bad" in done.stdout
+    assert f"skipped bad samples: {train}, key b'{order[0]}'" in done.stdout
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["global_step"] == 8
+    # summed over both ranks: 3 in training, rank 1's val and test structure
+    assert metrics["data/skipped_samples_train"] == 3
+    assert metrics["data/skipped_samples_val"] == 1 and metrics["data/skipped_samples_test"] == 1
+    assert torch.isfinite(torch.tensor(metrics["test/forces_mae"])) and metrics["test/forces_mae"] > 0
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    # the step without data changed nothing: no optimizer step, EMA update or LR-schedule step
+    assert {int(s["step"]) for s in last["optimizer_states"][0]["state"].values()} == {7}
+    assert int(last["state_dict"]["ema.num_updates"]) == 7
+    assert last["lr_schedulers"][0]["last_epoch"] == 7
+
+
+def _tiny_module(**kwargs):
+    from escn_train.training.module import PotentialModule
+
+    return PotentialModule(model=TINY_MODEL, normalizer={"energy_mean": 0.0, "energy_std": 1.0, "force_std": 1.0,
+                                                         "element_references": False}, **kwargs)
+
+
+def test_empty_micro_batches_leave_the_gradient_mean_and_a_step_without_data_is_skipped():
+    module = _tiny_module()
+    params = [p for p in module.potential.parameters() if p.requires_grad]
+    zero = module._zero_loss()
+    zero.backward()  # the zero loss reaches every trainable parameter (DDP all-reduces them all)
+    assert float(zero.detach()) == 0.0 and all(p.grad is not None and not p.grad.any() for p in params)
+    optimizer = torch.optim.SGD(params, lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
+    module._trainer = SimpleNamespace(world_size=1, is_global_zero=True, global_step=5,
+                                      lr_scheduler_configs=[SimpleNamespace(scheduler=scheduler, interval="step")])
+    for p in params:
+        p.grad = torch.ones_like(p)
+    module._micro_batches = [4, 3]  # 4 micro-batches accumulated, 1 without data: mean over the 3
+    module.on_before_optimizer_step(optimizer)
+    assert all(torch.allclose(p.grad, torch.full_like(p, 4 / 3)) for p in params)
+    assert not module.step_skipped and module._micro_batches == [0, 0]
+    module._micro_batches = [2, 0]  # no data at all: no update
+    module.on_before_optimizer_step(optimizer)
+    assert all(p.grad is None for p in params) and module.step_skipped and module.empty_steps == 1
+    module.lr_scheduler_step(scheduler, None)  # skipped steps do not advance a step-interval schedule
+    assert scheduler.last_epoch == 0
+    module.step_skipped = False
+    module.lr_scheduler_step(scheduler, None)
+    assert scheduler.last_epoch == 1
+
+
+class _FakeStrategy:
+    """``reduce`` of a 2-rank run where the other rank contributes ``other``."""
+
+    root_device = torch.device("cpu")
+
+    def __init__(self, other: list[float]) -> None:
+        self.other = torch.tensor(other)
+        self.calls = 0
+
+    def reduce(self, tensor, reduce_op):
+        assert reduce_op == "sum"
+        self.calls += 1
+        return tensor + self.other
+
+
+def test_nonfinite_guard_skips_on_every_rank_when_one_rank_has_a_nan_loss():
+    layer = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    module = SimpleNamespace(last_train_loss=torch.tensor(0.5), step_skipped=False)
+    strategy = _FakeStrategy([0.0, 1.0])  # rank 1: non-finite loss (its gradients came out finite)
+    trainer = SimpleNamespace(world_size=2, global_rank=0, strategy=strategy, current_epoch=0, global_step=3,
+                              is_global_zero=True)
+    guard = NonFiniteGuard(2)
+    guard.on_train_batch_start(trainer, module, SimpleNamespace(sid=torch.tensor([7, 8])), 4)
+    for p in layer.parameters():
+        p.grad = torch.ones_like(p)
+    guard.on_before_optimizer_step(trainer, module, optimizer)
+    assert strategy.calls == 1 and module.step_skipped and guard.skipped == 1
+    assert all(p.grad is None for p in layer.parameters())  # this rank (finite) skips too
+    strategy.other = torch.tensor([0.0, 0.0])  # all finite again: the streak ends on every rank
+    for p in layer.parameters():
+        p.grad = torch.ones_like(p)
+    guard.on_train_batch_start(trainer, module, SimpleNamespace(sid=torch.tensor([9])), 5)
+    guard.on_before_optimizer_step(trainer, module, optimizer)
+    assert not module.step_skipped and guard.consecutive == 0
+    strategy.other = torch.tensor([0.0, 1.0])
+    for _ in range(2):
+        guard.on_train_batch_start(trainer, module, SimpleNamespace(sid=torch.tensor([10])), 6)
+        for p in layer.parameters():
+            p.grad = torch.ones_like(p)
+        if guard.consecutive == 1:
+            with pytest.raises(NonFiniteLossError, match=r"2 consecutive .*\(non-finite loss on rank 1\)"):
+                guard.on_before_optimizer_step(trainer, module, optimizer)
+        else:
+            guard.on_before_optimizer_step(trainer, module, optimizer)

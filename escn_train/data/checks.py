@@ -8,7 +8,9 @@ structures without any neighbour inside ``neighbor_cutoff``.
 
 With ``skip_bad_samples`` the dataset returns a :class:`BadSample` marker instead of
 raising; collation drops markers and records them on the batch (``batch.skipped``), and
-the training module counts and logs them.
+the training module counts and logs them. A batch whose structures were all bad becomes a
+:class:`SkippedBatch` (not ``None``), so the training step still runs on every rank (see
+:meth:`escn_train.training.module.PotentialModule.training_step`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,23 @@ class BadSample:
     source: str
     reason: str
     natoms: int = 0
+
+
+class SkippedBatch:
+    """What collation returns when every structure of a batch was bad (``skip_bad_samples``).
+
+    It carries the skipped entries (``skipped``) and an empty ``natoms`` so code that counts
+    atoms per batch sees zero; it holds no structures (``num_graphs == 0``).
+    """
+
+    num_graphs = 0
+
+    def __init__(self, skipped: list[str]) -> None:
+        self.skipped = list(skipped)
+        self.natoms = torch.zeros(0, dtype=torch.long)
+
+    def __repr__(self) -> str:
+        return f"SkippedBatch({len(self.skipped)} bad structures)"
 
 
 class SampleChecker:

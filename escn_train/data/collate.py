@@ -17,15 +17,16 @@ from collections.abc import Sequence
 
 from torch_geometric.data import Batch, Data
 
-from escn_train.data.checks import BadSample
+from escn_train.data.checks import BadSample, SkippedBatch
 from escn_train.data.graph_selection import has_edges, strip_edges
 
 
-def collate_structures(data_list: Sequence[Data | BadSample]) -> Batch | None:
+def collate_structures(data_list: Sequence[Data | BadSample]) -> Batch | SkippedBatch:
     """Batch normalised structures (see the module docstring).
 
     :class:`~escn_train.data.checks.BadSample` markers (``skip_bad_samples``) are dropped and
-    listed in ``batch.skipped``; a batch of markers only becomes ``None`` (the step is skipped).
+    listed in ``batch.skipped``; a batch of markers only becomes a
+    :class:`~escn_train.data.checks.SkippedBatch` (the step contributes nothing).
     """
     if not data_list:
         raise ValueError("cannot collate an empty list of structures")
@@ -33,7 +34,7 @@ def collate_structures(data_list: Sequence[Data | BadSample]) -> Batch | None:
     if skipped:
         data_list = [d for d in data_list if not isinstance(d, BadSample)]
         if not data_list:
-            return None
+            return SkippedBatch(skipped)
         batch = collate_structures(data_list)
         batch.skipped = skipped
         return batch

@@ -9,6 +9,13 @@ the same units with the potential's normalisers and the loss is taken there; met
 computed on physical predictions (eV, eV/Å). Validation and test use the EMA weights when
 EMA is enabled. Normalisers are fitted on the train split at ``setup`` (unless given or
 loaded from a checkpoint) and live in the potential's buffers.
+
+Skipped data (``data.skip_bad_samples``): a training batch whose structures were all bad still
+runs a step on its rank, on a zero loss that reaches every trainable parameter, so DDP's
+gradient all-reduce happens on every rank; before the optimizer step the gradients are
+rescaled to the mean over the micro-batches that held data (on all ranks), and a step
+without any data on any rank is skipped like a non-finite one (no optimizer step, EMA
+update or LR-schedule step).
 """
 
 from __future__ import annotations
@@ -143,8 +150,15 @@ class PotentialModule(L.LightningModule):
         self.last_train_loss: torch.Tensor | None = None
         #: Set by the guard when this batch's optimizer step was skipped (the EMA skips it too).
         self.step_skipped = False
-        #: Bad samples dropped per split (``data.skip_bad_samples``), logged as data/skipped_samples_<split>.
+        #: Bad samples dropped per split on this rank (``data.skip_bad_samples``); their sum over
+        #: ranks is logged as data/skipped_samples_<split> at each epoch end.
         self.skipped_samples = {split: 0 for split in SPLITS}
+        #: Training micro-batches since the last optimizer step: [all, with data].
+        self._micro_batches = [0, 0]
+        #: Training steps skipped because no rank had any data (all structures bad).
+        self.empty_steps = 0
+        #: Whether training micro-batches can be empty (skip mode); set at train start.
+        self._may_be_empty = True
 
     # ------------------------------------------------------------------ normalisers
     @torch.no_grad()
@@ -236,31 +250,22 @@ class PotentialModule(L.LightningModule):
             if split == "train":
                 self.log(f"train/{name}", value, on_step=True, on_epoch=True, prog_bar=name == "loss",
                          batch_size=num_structures)
-                continue
-            # Evaluation: a structure-weighted mean with summed states, exact over uneven DDP shards.
-            mean = self.eval_loss_means[f"{split}_{name}"]
-            mean.update(value.detach(), weight=num_structures)
-            self.log(f"{split}/{name}", mean, on_step=False, on_epoch=True, prog_bar=name == "loss",
-                     batch_size=num_structures)
+            else:  # a structure-weighted mean with summed states, exact over uneven DDP shards
+                self.eval_loss_means[f"{split}_{name}"].update(value.detach(), weight=num_structures)
         result: dict[str, Any] = {"loss": losses["loss"]}
         if split == "train":
             self.last_train_loss = losses["loss"].detach()
-            if not self.train_metrics or not bool(torch.isfinite(self.last_train_loss)):
-                return result  # a non-finite step is skipped (NonFiniteGuard); keep it out of the metrics
+            if not self.train_metrics:
+                return result
+            if not bool(torch.isfinite(self.last_train_loss)):
+                # a non-finite step is skipped (NonFiniteGuard); keep it out of the metrics
+                self._log_metric_states(split, num_structures)
+                return result
         with torch.no_grad():
             e_phys, f_phys = potential.to_physical(e_pred.detach(), f_pred.detach(), z, batch_idx)
             mask = self._force_mask(batch, for_metrics=True)
-            metrics = self.metrics[f"{split}_metrics"]
-            metrics.update(e_phys, e_true, f_phys, f_true, batch_idx, mask)
-            for name, metric in metrics.members().items():
-                self.log(
-                    f"{split}/{name}",
-                    metric,
-                    on_step=False,
-                    on_epoch=True,
-                    prog_bar=split != "train" and name in ("energy_mae", "forces_mae"),
-                    batch_size=num_structures,
-                )
+            self.metrics[f"{split}_metrics"].update(e_phys, e_true, f_phys, f_true, batch_idx, mask)
+        self._log_metric_states(split, num_structures)
         if split != "train" and self.collect_predictions:
             keep = mask if mask is not None else slice(None)
             result["predictions"] = {
@@ -269,32 +274,120 @@ class PotentialModule(L.LightningModule):
             }
         return result
 
-    def _count_skipped(self, batch: Any, split: str) -> bool:
-        """Count samples dropped by ``skip_bad_samples``; False when the whole batch was dropped."""
-        skipped = 0 if batch is None else len(getattr(batch, "skipped", None) or [])
-        if batch is None:
-            skipped = -1  # unknown number: every sample of the batch was bad
-        if skipped:
-            self.skipped_samples[split] += max(skipped, 1)
-            where = ", ".join(getattr(batch, "skipped", None) or []) if batch is not None else "a whole batch"
-            print(f"WARNING: {split}: skipped bad samples: {where}", flush=True)
-        self.log(f"data/skipped_samples_{split}", float(self.skipped_samples[split]), on_step=False, on_epoch=True,
-                 batch_size=1, reduce_fx="max")
-        return batch is not None
+    def _log_metric_states(self, split: str, num_structures: int) -> None:
+        """Log the split's metric objects (computed and, under DDP, synchronised at epoch end).
 
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
-        if not self._count_skipped(batch, "train"):
+        Called for every batch, also for batches without data or with a non-finite loss (then
+        without an update), so every rank logs the same metrics and the epoch-end
+        synchronisation runs on all of them, even on a rank whose whole shard was skipped.
+        """
+        if split != "train":
+            for name in LOSS_NAMES:
+                self.log(f"{split}/{name}", self.eval_loss_means[f"{split}_{name}"], on_step=False, on_epoch=True,
+                         prog_bar=name == "loss", batch_size=num_structures)
+        elif not self.train_metrics:
+            return
+        for name, metric in self.metrics[f"{split}_metrics"].members().items():
+            self.log(f"{split}/{name}", metric, on_step=False, on_epoch=True,
+                     prog_bar=split != "train" and name in ("energy_mae", "forces_mae"), batch_size=num_structures)
+
+    def _has_data(self, batch: Any, split: str) -> bool:
+        """Count and report samples dropped by ``skip_bad_samples``; False when none is left."""
+        skipped = list(getattr(batch, "skipped", None) or [])
+        if skipped:
+            self.skipped_samples[split] += len(skipped)
+            print(f"WARNING: {split}: skipped bad samples: {', '.join(skipped)}", flush=True)
+        return batch is not None and getattr(batch, "num_graphs", 1) > 0
+
+    def _zero_loss(self) -> torch.Tensor:
+        """A zero loss whose backward gives every trainable parameter a (zero) gradient."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        return torch.stack([p.sum().float() for p in params]).sum() * 0.0
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        self._micro_batches[0] += 1
+        if not self._has_data(batch, "train"):
+            # No structure left: still run backward (on a zero loss), so under DDP this rank joins
+            # the gradient all-reduce; on_before_optimizer_step takes this micro-batch out of the mean.
             self.last_train_loss = None
-            return None  # Lightning skips backward and the optimizer step
+            self._log_metric_states("train", 1)
+            return self._zero_loss()
+        self._micro_batches[1] += 1
         out = self._step(batch, "train")
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
         return out["loss"]
 
     def validation_step(self, batch: Any, batch_idx: int) -> dict[str, Any] | None:
-        return self._step(batch, "val") if self._count_skipped(batch, "val") else None
+        if self._has_data(batch, "val"):
+            return self._step(batch, "val")
+        self._log_metric_states("val", 1)
+        return None
 
     def test_step(self, batch: Any, batch_idx: int) -> dict[str, Any] | None:
-        return self._step(batch, "test") if self._count_skipped(batch, "test") else None
+        if self._has_data(batch, "test"):
+            return self._step(batch, "test")
+        self._log_metric_states("test", 1)
+        return None
+
+    def on_train_start(self) -> None:
+        self._micro_batches = [0, 0]
+        datamodule = getattr(self.trainer, "datamodule", None)
+        # Whether a micro-batch can be empty: then the ranks agree on it before each optimizer step.
+        self._may_be_empty = bool(getattr(datamodule, "skip_bad_samples", True))
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        """Take micro-batches without data out of the gradient mean; skip a step without any data.
+
+        Runs after backward and the DDP all-reduce (which averaged over all ranks and
+        micro-batches, counting empty ones as zero) and before clipping: the gradients are
+        multiplied by (all micro-batches) / (micro-batches with data), summed over ranks, so
+        the update equals the mean over the structures' batches that were there. The counts
+        are summed across ranks (one small all-reduce per step, only with skip mode under DDP),
+        so all ranks take the same decision.
+        """
+        total, filled = self._micro_batches
+        self._micro_batches = [0, 0]
+        trainer = self.trainer
+        if trainer.world_size > 1 and self._may_be_empty:
+            counts = torch.tensor([float(total), float(filled)], device=trainer.strategy.root_device)
+            total, filled = (int(v) for v in trainer.strategy.reduce(counts, reduce_op="sum").tolist())
+        if filled == total:
+            return
+        if filled == 0:
+            optimizer.zero_grad(set_to_none=True)
+            self.step_skipped = True
+            self.empty_steps += 1
+            if trainer.is_global_zero:
+                print(f"WARNING: skipped training step {trainer.global_step}: every structure of its batches was "
+                      "bad (data.skip_bad_samples) on every rank", flush=True)
+            return
+        scale = total / filled
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                if param.grad is not None:
+                    param.grad.mul_(scale)
+
+    def _epoch_end_skipped(self, split: str) -> None:
+        """Log the skipped-sample count of ``split`` (cumulative), summed over ranks (all ranks run this hook)."""
+        self.log(f"data/skipped_samples_{split}", float(self.skipped_samples[split]), on_step=False, on_epoch=True,
+                 batch_size=1, sync_dist=True, reduce_fx="sum")
+
+    def on_train_epoch_end(self) -> None:
+        self._epoch_end_skipped("train")
+
+    def on_validation_epoch_end(self) -> None:
+        self._epoch_end_skipped("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._epoch_end_skipped("test")
+
+    def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
+        """Step-interval schedules do not advance on skipped steps (non-finite, or no data)."""
+        if self.step_skipped:
+            interval = next((c.interval for c in self.trainer.lr_scheduler_configs if c.scheduler is scheduler), "step")
+            if interval == "step":
+                return
+        super().lr_scheduler_step(scheduler, metric)
 
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
         return self(batch)

@@ -133,14 +133,25 @@ class NonFiniteGuard(L.Callback):
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
         loss = getattr(pl_module, "last_train_loss", None)
-        bad = []
-        if loss is not None and not bool(torch.isfinite(loss).all()):
-            bad.append(f"loss={float(loss)}")
+        loss_bad = loss is not None and not bool(torch.isfinite(loss).all())
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if grads:
-            finite = torch.stack([torch.isfinite(g).all() for g in grads]).all()
-            if not bool(finite):
-                bad.append("non-finite gradients")
+        grads_bad = bool(grads) and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+        code = int(loss_bad) + 2 * int(grads_bad)
+        codes = [code]
+        if trainer.world_size > 1:
+            # Agree across ranks: one rank must never skip while another steps (the counters and
+            # the NonFiniteLossError stay identical on every rank). A per-rank code, summed.
+            flags = torch.zeros(trainer.world_size, device=trainer.strategy.root_device)
+            flags[trainer.global_rank] = float(code)
+            codes = [int(v) for v in trainer.strategy.reduce(flags, reduce_op="sum").tolist()]
+        bad = []
+        if loss_bad:
+            bad.append(f"loss={float(loss)}")
+        others = [rank for rank, c in enumerate(codes) if c & 1 and rank != trainer.global_rank]
+        if others and len(codes) > 1:
+            bad.append(f"non-finite loss on rank {', '.join(map(str, others))}")
+        if any(c & 2 for c in codes):
+            bad.append("non-finite gradients")
         if not bad:
             self.consecutive = 0
             return
@@ -156,7 +167,7 @@ class NonFiniteGuard(L.Callback):
         if self.consecutive >= self.max_consecutive:
             raise NonFiniteLossError(
                 f"{self.consecutive} consecutive training steps with a non-finite loss or gradient "
-                f"(reliability.max_consecutive_nonfinite={self.max_consecutive}); the last at {where}"
+                f"(reliability.max_consecutive_nonfinite={self.max_consecutive}); the last at {where} ({' and '.join(bad)})"
             )
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
