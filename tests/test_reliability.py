@@ -149,9 +149,9 @@ def _env() -> dict[str, str]:
     return {**os.environ, "ESCN_DATA_DIR": str(REPO / "data"), "PYTHONWARNINGS": "ignore"}
 
 
-def _start(run_dir: Path, stats_dir: Path, log: Path) -> subprocess.Popen:
+def _start(run_dir: Path, stats_dir: Path, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
     cmd = [sys.executable, str(REPO / "train.py"), *_overrides(stats_dir), f"hydra.run.dir={run_dir}"]
-    return subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=log.open("w"), stderr=subprocess.STDOUT)
+    return subprocess.Popen(cmd, cwd=REPO, env=env or _env(), stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 
 def _run(run_dir: Path, stats_dir: Path) -> str:
@@ -169,10 +169,11 @@ def _step_of(path: Path) -> int:
         return -1
 
 
-def _interrupt(run_dir: Path, stats_dir: Path, sig: int, after_step: int = 6) -> tuple[int, str]:
+def _interrupt(run_dir: Path, stats_dir: Path, sig: int, after_step: int = 6,
+               env: dict[str, str] | None = None) -> tuple[int, str]:
     """Start a run, send ``sig`` once last.ckpt shows ``after_step`` steps; exit code and log."""
     log = run_dir.parent / f"{run_dir.name}-interrupted.log"
-    proc = _start(run_dir, stats_dir, log)
+    proc = _start(run_dir, stats_dir, log, env)
     last = run_dir / "checkpoints" / "last.ckpt"
     deadline = time.monotonic() + 240
     while _step_of(last) < after_step:
@@ -539,3 +540,122 @@ def test_nonfinite_guard_skips_on_every_rank_when_one_rank_has_a_nan_loss():
                 guard.on_before_optimizer_step(trainer, module, optimizer)
         else:
             guard.on_before_optimizer_step(trainer, module, optimizer)
+
+
+# ----------------------------------------------------------------------------- signals before training
+class _SignalInSetup(_Toy):
+    """Sends itself a signal while Lightning sets up (where the statistics are computed)."""
+
+    def __init__(self, sig: int) -> None:
+        super().__init__()
+        self.sig = sig
+
+    def setup(self, stage):
+        os.kill(os.getpid(), self.sig)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["sigterm", "sigusr1"])
+def test_signal_during_setup_is_remembered_and_stops_after_the_first_batch(sig, tmp_path, capsys):
+    from escn_train.training.reliability import EarlySignals, GracefulShutdown, GracefulStop
+
+    early = EarlySignals().install()
+    try:
+        shutdown = GracefulShutdown(early=early)
+        trainer = L.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                            enable_checkpointing=False, callbacks=[shutdown], default_root_dir=str(tmp_path),
+                            plugins=[AtomicCheckpointIO()])
+        with pytest.raises(GracefulStop):
+            trainer.fit(_SignalInSetup(sig), _toy_loader(set()))
+    finally:
+        early.uninstall()
+    assert signal.getsignal(sig) == signal.SIG_DFL  # handlers put back
+    name = signal.Signals(sig).name
+    assert early.received == name
+    saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert saved["global_step"] == 1
+    out = capsys.readouterr().out
+    assert f"{name} received during setup (before training started); stopping after the first training batch" in out
+    assert f"{name} received during setup: wrote {tmp_path / 'checkpoints' / 'last.ckpt'} at step 1" in out
+
+
+_SELF_SIGNAL = """
+import os, runpy, signal, sys
+import {module} as target
+real = target.{function}
+def signalled(*args, **kwargs):
+    os.kill(os.getpid(), signal.{sig})
+    return real(*args, **kwargs)
+target.{function} = signalled
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def _train_signalled_in(module: str, function: str, sig: str, args: list[str]) -> subprocess.CompletedProcess:
+    """``train.py args`` with a signal sent to itself when ``module.function`` is called."""
+    code = _SELF_SIGNAL.format(module=module, function=function, sig=sig)
+    return _run_with_timeout([sys.executable, "-c", code, str(REPO / "train.py"), *args], timeout=240)
+
+
+@pytest.mark.slow
+def test_train_signalled_while_computing_statistics_stops_after_one_step_with_a_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    fresh_stats = tmp_path / "stats"  # so the statistics are computed (inside trainer.fit)
+    done = _train_signalled_in("escn_train.data.statistics", "compute_statistics", "SIGTERM",
+                               [*_overrides(fresh_stats), f"hydra.run.dir={run_dir}"])
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert "SIGTERM received during setup (before training started)" in done.stdout
+    assert f"SIGTERM received during setup: wrote {last} at step 1; stopping" in done.stdout
+    assert f"training stopped by SIGTERM at step 1; resume with ckpt_path={last}" in done.stdout
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 1
+
+
+@pytest.mark.slow
+def test_train_signalled_before_fit_exits_cleanly_saying_nothing_was_trained(stats_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    done = _train_signalled_in("escn_train.training.run", "build_datamodule", "SIGUSR1",
+                               [*_overrides(stats_dir), f"hydra.run.dir={run_dir}"])
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert ("SIGUSR1 received before training started (while preparing the data and model): nothing was trained "
+            "in this run and no checkpoint was written; stopping.") in done.stdout
+    assert "Run the same command again" in done.stdout
+    assert not (run_dir / "checkpoints").exists() and not (run_dir / "metrics.json").exists()
+
+
+# ----------------------------------------------------------------------------- SLURM requeue (faked)
+def _fake_slurm(tmp_path: Path) -> tuple[dict[str, str], Path]:
+    """SLURM variables Lightning's SLURMEnvironment.detect() and its settings read, and a fake
+    ``scontrol`` on PATH that records its arguments."""
+    bin_dir, calls = tmp_path / "bin", tmp_path / "scontrol_calls.txt"
+    bin_dir.mkdir()
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> "{calls}"\n')
+    scontrol.chmod(0o755)
+    env = {
+        **_env(), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_NNODES": "1", "SLURM_JOB_NAME": "escn-test",
+        "SLURM_JOB_ID": "4242", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
+        "SLURM_NODELIST": "localhost",
+    }
+    return env, calls
+
+
+@pytest.mark.slow
+def test_slurm_sigusr1_writes_hpc_checkpoint_requeues_and_resume_auto_continues_exactly(uninterrupted, stats_dir, tmp_path):
+    env, calls = _fake_slurm(tmp_path)
+    run_dir = tmp_path / "job4242"
+    code, log = _interrupt(run_dir, stats_dir, signal.SIGUSR1, after_step=3, env=env)
+    assert code == 0, log[-4000:]
+    hpc = run_dir / "hpc_ckpt_1.ckpt"
+    step = int(torch.load(hpc, map_location="cpu", weights_only=True)["global_step"])
+    assert 3 <= step < TOTAL_STEPS
+    assert f"SIGUSR1 received: wrote {hpc} at step {step}; stopping" in log
+    assert "requeued SLURM job 4242 (scontrol requeue 4242)" in log
+    assert calls.read_text().split("\n")[0] == "requeue 4242"
+    # The requeued job: same command, same run directory; resume=auto takes the newer hpc checkpoint.
+    log = run_dir.parent / "requeued.log"
+    proc = _start(run_dir, stats_dir, log, env=env)
+    assert proc.wait(timeout=300) == 0, log.read_text()[-4000:]
+    assert f"resuming from {hpc}" in log.read_text()
+    _assert_same_weights(uninterrupted, run_dir / "checkpoints" / "last.ckpt")

@@ -7,18 +7,24 @@
   skipped (gradients dropped before clipping and the optimizer step), counted and logged
   as ``train/skipped_steps``; after ``max_consecutive`` skipped steps in a row training
   stops with :class:`NonFiniteLossError` naming the batch's structure ids.
-* :class:`GracefulShutdown`: on SIGTERM (and SIGUSR1 outside SLURM) the current step is
-  finished, ``last.ckpt`` is written and :class:`GracefulStop` ends ``fit``; ``train.py``
-  then exits with status 0. Under SLURM, Lightning's ``SLURMEnvironment`` handles SIGUSR1
-  (checkpoint + ``scontrol requeue``), see :func:`cluster_plugins`.
+* :class:`GracefulShutdown`: on SIGTERM or SIGUSR1 the current step is finished, ``last.ckpt``
+  is written (under SLURM, SIGUSR1: ``hpc_ckpt_N.ckpt`` and ``scontrol requeue``) and
+  :class:`GracefulStop` ends ``fit``; ``train.py`` then exits with status 0. All ranks agree
+  on the stop before the (collective) save.
+* :class:`EarlySignals`: SIGTERM / SIGUSR1 arriving before the training loop runs (data and
+  model setup, statistics) are remembered instead of killing the process, and honoured at the
+  first safe point (see :class:`EarlySignals`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
+import subprocess
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -88,10 +94,44 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def cluster_plugins() -> list[Any]:
-    """Under SLURM: ``SLURMEnvironment(auto_requeue=True, requeue_signal=SIGUSR1)``; else nothing."""
+    """Under SLURM: ``SLURMEnvironment(auto_requeue=False)``; else nothing.
+
+    Lightning's own requeue handler would save the checkpoint inside the signal handler, at
+    whatever point the main thread is (possibly mid optimizer step, and with a barrier that
+    can mismatch the other ranks' collectives); :class:`GracefulShutdown` handles SIGUSR1
+    instead, at the end of a training batch (see :func:`slurm_requeue`).
+    """
     if SLURMEnvironment.detect():
-        return [SLURMEnvironment(auto_requeue=True, requeue_signal=signal.SIGUSR1)]
+        return [SLURMEnvironment(auto_requeue=False)]
     return []
+
+
+def slurm_job_id() -> str | None:
+    """The id ``scontrol requeue`` takes: ``<array job>_<task>`` for array jobs, else ``SLURM_JOB_ID``."""
+    array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
+    if array_job is not None and os.environ.get("SLURM_ARRAY_TASK_ID") is not None:
+        return f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    return os.environ.get("SLURM_JOB_ID")
+
+
+def slurm_requeue() -> str:
+    """Run ``scontrol requeue <job id>``; returns a line saying what happened (never raises)."""
+    job = slurm_job_id()
+    if not job or not re.fullmatch(r"[0-9]+(_[0-9]+)?", job):
+        return f"not requeued: no usable SLURM job id (SLURM_JOB_ID={job!r})"
+    try:
+        done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.SubprocessError) as err:
+        return f"not requeued: scontrol requeue {job} failed: {err}"
+    if done.returncode != 0:
+        return f"not requeued: scontrol requeue {job} exited with {done.returncode}: {done.stderr.strip()[-500:]}"
+    return f"requeued SLURM job {job} (scontrol requeue {job})"
+
+
+def hpc_checkpoint_path(root: str | os.PathLike) -> str:
+    """``<root>/hpc_ckpt_<N+1>.ckpt`` (Lightning's naming, so its SLURM auto-resume finds it too)."""
+    numbers = [int(m.group(1)) for p in Path(root).glob("hpc_ckpt_*.ckpt") if (m := re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt", p.name))]
+    return os.path.join(root, f"hpc_ckpt_{max(numbers, default=0) + 1}.ckpt")
 
 
 # ------------------------------------------------------------------------ non-finite steps
@@ -182,6 +222,9 @@ class NonFiniteGuard(L.Callback):
 
 
 # ------------------------------------------------------------------------ signals
+STOP_SIGNALS = ("SIGTERM", "SIGUSR1")
+
+
 class GracefulStop(SIGTERMException):
     """Raised after the stop checkpoint is written; ``run_training`` turns it into a clean exit."""
 
@@ -199,29 +242,90 @@ def last_checkpoint_path(trainer: L.Trainer) -> str:
     return os.path.join(trainer.default_root_dir, "checkpoints", LAST_NAME)
 
 
-class GracefulShutdown(L.Callback):
-    """SIGTERM / SIGUSR1: finish the step, write ``last.ckpt``, stop (see module docstring).
+class EarlySignals:
+    """Remember SIGTERM / SIGUSR1 that arrive before the training loop starts.
 
-    SIGTERM is read from Lightning's own handler (``trainer.received_sigterm``); SIGUSR1 gets
-    a flag-setting handler here unless Lightning's SLURM auto-requeue owns it.
+    Installed by ``run_training`` before the data and model are built; until then (and
+    until Lightning and :class:`GracefulShutdown` install their own handlers) the default
+    action would kill the process without a checkpoint (exit 143 / 138). The handler only
+    records the first signal (nothing is printed or saved inside a signal handler).
+    ``run_training`` checks :attr:`received` just before ``trainer.fit`` (stop right there:
+    nothing was trained); a signal during Lightning's setup (statistics, DDP start, checkpoint
+    restore, data loaders) is handed to :class:`GracefulShutdown` at ``on_train_start``, which
+    stops after the first training batch like any stop request.
     """
 
     def __init__(self) -> None:
+        self.received: str | None = None
+        self.active = False
+        self._previous: dict[int, Any] = {}
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.active and self.received is None:
+            self.received = signal.Signals(signum).name
+
+    def install(self) -> "EarlySignals":
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        for name in STOP_SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is not None:
+                self._previous[sig] = signal.signal(sig, self._handler)
+        self.active = True
+        return self
+
+    def uninstall(self) -> None:
+        """Put back the handlers found at :meth:`install` (where this one is still in place)."""
+        self.active = False
+        for sig, previous in self._previous.items():
+            try:
+                if signal.getsignal(sig) == self._handler:
+                    signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+            except ValueError:  # not the main thread
+                pass
+        self._previous = {}
+
+    def take(self) -> str | None:
+        """Hand over: stop recording and return the signal received so far (if any)."""
+        self.active = False
+        return self.received
+
+
+class GracefulShutdown(L.Callback):
+    """SIGTERM / SIGUSR1: finish the step, write a checkpoint, stop (see module docstring).
+
+    SIGTERM is read from Lightning's own handler (``trainer.received_sigterm``); SIGUSR1 gets a
+    flag-setting handler here. Under SLURM (``slurm=True``) SIGUSR1 writes
+    ``<run dir>/hpc_ckpt_N.ckpt`` and requeues the job with ``scontrol requeue`` (global rank 0)
+    before stopping. ``early``: signals remembered before training started, honoured after
+    the first training batch.
+    """
+
+    def __init__(self, early: EarlySignals | None = None, slurm: bool = False) -> None:
         self.requested: str | None = None
         self.saved_path: str | None = None
+        self.requeue_note: str | None = None
+        self.early = early
+        self.slurm = slurm
+        self._early_signal: str | None = None
         self._previous_usr1: Any = None
 
     def _on_usr1(self, signum: int, frame: Any) -> None:
         self.requested = self.requested or "SIGUSR1"
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        env = trainer._accelerator_connector.cluster_environment
-        slurm_owns_usr1 = isinstance(env, SLURMEnvironment) and env.auto_requeue
-        if hasattr(signal, "SIGUSR1") and not slurm_owns_usr1:
+        if hasattr(signal, "SIGUSR1"):
             try:
                 self._previous_usr1 = signal.signal(signal.SIGUSR1, self._on_usr1)
             except ValueError:  # not the main thread
                 self._previous_usr1 = None
+        if self.early is not None:
+            self._early_signal = self.early.take()
+            if self._early_signal is not None:
+                self.requested = self.requested or self._early_signal
+                if trainer.is_global_zero:
+                    print(f"{self._early_signal} received during setup (before training started); stopping after "
+                          "the first training batch", flush=True)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._restore()
@@ -235,19 +339,27 @@ class GracefulShutdown(L.Callback):
             self._previous_usr1 = None
 
     def _stop_requested(self, trainer: L.Trainer) -> str | None:
-        """The signal to stop for, agreed by all ranks (saving has collectives, so all must stop)."""
-        code = 1 if trainer.received_sigterm else 2 if self.requested else 0
+        """The signal to stop for, agreed by all ranks (saving has collectives, so all must stop).
+
+        SIGUSR1 (requeue) wins over SIGTERM when ranks saw different signals.
+        """
+        code = 2 if self.requested == "SIGUSR1" else 1 if trainer.received_sigterm or self.requested else 0
         if trainer.world_size > 1:
             flag = torch.tensor([float(code)], device=trainer.strategy.root_device)
             code = int(trainer.strategy.reduce(flag, reduce_op="max").item())
         return {0: None, 1: "SIGTERM", 2: "SIGUSR1"}[code]
 
     def _save(self, trainer: L.Trainer, name: str) -> None:
-        path = last_checkpoint_path(trainer)
+        requeue = name == "SIGUSR1" and self.slurm
+        path = hpc_checkpoint_path(trainer.default_root_dir) if requeue else last_checkpoint_path(trainer)
         trainer.save_checkpoint(path)
         self.saved_path = path
         if trainer.is_global_zero:
-            print(f"{name} received: wrote {path} at step {trainer.global_step}; stopping", flush=True)
+            when = " during setup" if self._early_signal else ""
+            print(f"{name} received{when}: wrote {path} at step {trainer.global_step}; stopping", flush=True)
+            if requeue:
+                self.requeue_note = slurm_requeue()
+                print(self.requeue_note, flush=True)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         name = self._stop_requested(trainer)
@@ -265,4 +377,3 @@ class GracefulShutdown(L.Callback):
             except Exception as err:  # never mask the original exception
                 log.error("could not write the stop checkpoint: %s", err)
         self._restore()
-

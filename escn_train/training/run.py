@@ -27,10 +27,12 @@ from escn_train.training.config_checks import ConfigError, check_config
 from escn_train.training.module import PotentialModule
 from escn_train.training.reliability import (
     AtomicCheckpointIO,
+    EarlySignals,
     GracefulShutdown,
     NonFiniteGuard,
     cluster_plugins,
     remove_stale_temporaries,
+    slurm_requeue,
 )
 
 WANDB_ID_FILE = "wandb_id.txt"
@@ -147,8 +149,7 @@ def build_callbacks(callbacks: Mapping[str, Any] | None) -> list[L.Callback]:
     return out
 
 
-def build_reliability(reliability: Mapping[str, Any] | None) -> tuple[list[L.Callback], list[Any]]:
-    """Callbacks and Trainer plugins of the ``reliability`` section (see :mod:`~escn_train.training.reliability`)."""
+def _check_reliability(reliability: Mapping[str, Any] | None) -> dict[str, Any]:
     reliability = dict(reliability or {})
     unknown = set(reliability) - {"max_consecutive_nonfinite", "handle_signals", "atomic_checkpoints"}
     if unknown:
@@ -156,6 +157,17 @@ def build_reliability(reliability: Mapping[str, Any] | None) -> tuple[list[L.Cal
             f"reliability: unknown keys {sorted(unknown)}; known: max_consecutive_nonfinite, handle_signals, "
             "atomic_checkpoints"
         )
+    return reliability
+
+
+def build_reliability(
+    reliability: Mapping[str, Any] | None, early: EarlySignals | None = None
+) -> tuple[list[L.Callback], list[Any]]:
+    """Callbacks and Trainer plugins of the ``reliability`` section (see :mod:`~escn_train.training.reliability`).
+
+    ``early``: the signals caught before training (handed to :class:`GracefulShutdown`).
+    """
+    reliability = _check_reliability(reliability)
     callbacks: list[L.Callback] = []
     plugins: list[Any] = []
     limit = reliability.get("max_consecutive_nonfinite", 5)
@@ -164,8 +176,9 @@ def build_reliability(reliability: Mapping[str, Any] | None) -> tuple[list[L.Cal
             raise ConfigError(f"reliability.max_consecutive_nonfinite: expected a positive integer or null, got {limit!r}")
         callbacks.append(NonFiniteGuard(limit))
     if reliability.get("handle_signals", True):
-        callbacks.append(GracefulShutdown())
-        plugins.extend(cluster_plugins())
+        slurm = cluster_plugins()
+        plugins.extend(slurm)
+        callbacks.append(GracefulShutdown(early=early, slurm=bool(slurm)))
     if reliability.get("atomic_checkpoints", True):
         plugins.append(AtomicCheckpointIO())
     return callbacks, plugins
@@ -209,6 +222,37 @@ def run_training(cfg: Mapping[str, Any], run_dir: str | os.PathLike) -> dict[str
     started = time.perf_counter()
     run_dir = Path(run_dir)
     check_config(cfg)
+    # SIGTERM / SIGUSR1 from here on are remembered, not fatal (README "Reliability", Signals).
+    early = EarlySignals().install() if _check_reliability(cfg.get("reliability")).get("handle_signals", True) else None
+    try:
+        return _run_training(cfg, run_dir, started, early)
+    finally:
+        if early is not None:
+            early.uninstall()
+
+
+def _stopped_before_training(early: EarlySignals, ckpt_path: str | None, run_dir: Path, started: float) -> dict[str, Any]:
+    """A signal arrived while the run was being prepared: stop now (nothing was trained)."""
+    name = early.received
+    rank_zero = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0
+    lines = [f"{name} received before training started (while preparing the data and model): nothing was trained "
+             "in this run and no checkpoint was written; stopping."]
+    results: dict[str, Any] = {"interrupted": name, "checkpoint": None, "global_step": 0,
+                               "wall_time_s": time.perf_counter() - started}
+    if name == "SIGUSR1" and cluster_plugins() and rank_zero:
+        results["requeue"] = slurm_requeue()
+        lines.append(results["requeue"])
+    if ckpt_path:
+        lines.append(f"Run the same command again to continue from {ckpt_path}.")
+    else:
+        lines.append(f"Run the same command again to start over (with resume=auto and hydra.run.dir={run_dir} "
+                     "a later stop leaves a checkpoint there to continue from).")
+    if rank_zero:
+        print("\n".join(lines), flush=True)
+    return results
+
+
+def _run_training(cfg: Mapping[str, Any], run_dir: Path, started: float, early: EarlySignals | None) -> dict[str, Any]:
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg["threads"]))
     L.seed_everything(int(cfg.get("seed", 0)), workers=True, verbose=False)
@@ -223,7 +267,7 @@ def run_training(cfg: Mapping[str, Any], run_dir: str | os.PathLike) -> dict[str
     module.run_info.update(run_info)
     module.run_config = dict(cfg)  # stored in checkpoints as "config"
     callbacks = build_callbacks(cfg.get("callbacks"))
-    reliability_callbacks, plugins = build_reliability(cfg.get("reliability"))
+    reliability_callbacks, plugins = build_reliability(cfg.get("reliability"), early)
     trainer_kwargs = dict(cfg.get("trainer") or {})
     plugins = list(trainer_kwargs.pop("plugins", None) or []) + plugins
     trainer = L.Trainer(
@@ -237,8 +281,14 @@ def run_training(cfg: Mapping[str, Any], run_dir: str | os.PathLike) -> dict[str
         print(f"run directory: {run_dir}" + (f"  (resuming from {ckpt_path})" if ckpt_path else ""))
         for stale in remove_stale_temporaries(run_dir / "checkpoints"):
             print(f"removed {stale} (left by a save that was killed)")
+    if early is not None and early.received:
+        return _stopped_before_training(early, ckpt_path, run_dir, started)
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        finally:
+            if early is not None:  # testing after fit: signals as Lightning handles them
+                early.uninstall()
     except SIGTERMException as stop:  # GracefulStop, or SIGTERM outside a training batch
         shutdown = next((c for c in reliability_callbacks if isinstance(c, GracefulShutdown)), None)
         if shutdown is None or shutdown.saved_path is None:
