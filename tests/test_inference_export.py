@@ -128,8 +128,9 @@ def test_exported_program_reproduces_eager_without_training_code(checkpoint, tmp
     assert out["kind"] == "exported_program" and out["loaded"] == []
     assert len(out["results"]) == len(cases) == 6
     for r in out["results"]:
-        assert r["energy"] <= 1e-5 * r["energy_scale"]
-        assert r["forces"] <= 1e-5 * r["forces_scale"]
+        # float32 round-off of per-edge (program) vs per-group (eager) sums; see TOLERANCE
+        assert r["energy"] <= 5e-5 * r["energy_scale"]
+        assert r["forces"] <= 5e-5 * r["forces_scale"]
 
 
 def test_structures_without_edges_are_predicted(checkpoint, tmp_path):

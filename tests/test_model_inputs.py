@@ -147,24 +147,15 @@ def test_grid_silu_in_several_edge_blocks_is_bitwise_the_plain_expression(monkey
         assert torch.equal(escn.grid_silu(y, to_grid, from_grid), plain)
 
 
-@pytest.mark.parametrize("rotating", [False, True])
-def test_gated_second_layer_gradients(rotating):
-    from escn_train.models.escn import _gated_mix, gated_second_layer
-
-    gen = torch.Generator().manual_seed(3)
-    shape = (5, 2, 8) if rotating else (5, 4)
-    tensors = [torch.randn(*s, dtype=torch.float64, generator=gen, requires_grad=True)
-               for s in (shape, (5, 8 if rotating else 4), shape, (5, 8 if rotating else 4))]
-    weight = torch.randn(6, 16 if rotating else 8, dtype=torch.float64, generator=gen, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda *t: gated_second_layer(*t, rotating), (*tensors, weight))
-    out = gated_second_layer(*tensors, weight, rotating)
-    plain = torch.matmul(_gated_mix((tensors[0], tensors[2]), (tensors[1], tensors[3]), rotating), weight.t())
-    torch.testing.assert_close(out, plain, rtol=0, atol=0)
-
-
-def test_message_block_gradients_match_a_plain_composition_of_the_public_blocks():
+@pytest.mark.parametrize("group_sizes", [None, (3,)], ids=["one-group-per-atom", "split-groups"])
+def test_message_block_gradients_match_a_plain_composition_of_the_public_blocks(group_sizes, monkeypatch):
     """The fused message path (custom backward passes included) against the same message
-    written with the public SO2Block.forward, index_add and an unblocked grid."""
+    written with the public SO2Block.forward, index_add and an unblocked grid; also with
+    atoms' edges split over several groups."""
+    from escn_train.models import edge_groups
+
+    if group_sizes is not None:
+        monkeypatch.setattr(edge_groups, "_CANDIDATE_SIZES", group_sizes)
     fixture = load_fixture("l4m2_sigmoid")
     model = build_model("l4m2_sigmoid").double()
     s, g = fixture["structures"], fixture["graph"]
@@ -185,7 +176,10 @@ def test_message_block_gradients_match_a_plain_composition_of_the_public_blocks(
         y = torch.bmm(rows.transpose(1, 2), y)
         return torch.zeros_like(x).index_add(0, edges[1], y)
 
-    params = [p for p in block.parameters() if p.requires_grad]
+    x.requires_grad_()
+    params = [x] + [p for p in block.parameters() if p.requires_grad]
+    if group_sizes is not None:
+        assert not block.geometry(wigner, edges, x.shape[0]).groups[0].one_per_atom
     fused = block(x, z, dist, edges, wigner)
     fused_grads = torch.autograd.grad((fused * weights).sum(), params)
     reference = plain()

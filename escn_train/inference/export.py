@@ -48,11 +48,12 @@ from escn_train.inference.loading import (
 )
 
 #: Agreement with the eager model required after export, relative to the largest value.
-#: Exported programs run the same kernels (1e-5). Compiled code reorders float32 sums, and
-#: eSCN's per-edge frames amplify that round-off (~1e-5..1e-4 of max |F| for small models):
-#: the AOTInductor bound is a guard against gross errors, the tests check the tighter
-#: fixture-based bound.
-TOLERANCE = {EXPORTED_PROGRAM: 1e-5, AOTI_PACKAGE: 1e-3}
+#: Exported programs rotate edge by edge where eager code works per atom group
+#: (``models/edge_groups.py``): the same sums in another order. Compiled code also reorders
+#: float32 sums. eSCN's outputs cancel heavily, which amplifies that round-off (~1e-5 of
+#: max |F| for small untrained models): the bounds guard against gross errors, the tests
+#: check the fixture-based bounds.
+TOLERANCE = {EXPORTED_PROGRAM: 1e-4, AOTI_PACKAGE: 1e-3}
 
 
 def dynamic_shapes() -> tuple[dict[int, Dim], ...]:

@@ -18,6 +18,15 @@ from e3nn import o3
 from torch import nn
 
 from escn_train.graph import edge_vectors, radius_graph_pbc
+from escn_train.models.grouped_so2 import (
+    MessageGeometry,
+    Term,
+    build_geometry,
+    first_layer_projections,
+    grouped_so2,
+    order_rows_index,
+    so2_terms,
+)
 from escn_train.models.so3 import SO3_Grid, CoefficientMapping, WignerCalculator, coefficient_idx
 from escn_train.models.smearing import make_distance_expansion
 
@@ -38,12 +47,6 @@ def _float32_region(x: torch.Tensor) -> contextlib.AbstractContextManager:
     if torch.is_autocast_enabled(x.device.type):
         return torch.autocast(x.device.type, enabled=False)
     return contextlib.nullcontext()
-
-
-def _saves_memory_by_recomputing(x: torch.Tensor) -> bool:
-    """Whether the recomputing autograd functions apply: eager training in full precision
-    (under autocast, export or compile the plain expressions are used)."""
-    return torch.is_grad_enabled() and not _tracing() and not torch.is_autocast_enabled(x.device.type)
 
 
 def _float32(x: torch.Tensor) -> torch.Tensor:
@@ -150,103 +153,6 @@ def _gated_mix(hidden: tuple[torch.Tensor, ...], gates: tuple[torch.Tensor, ...]
         i_plus, i_minus = (h_i * g_i.unsqueeze(1)).unbind(1)
         mixed += [h_r * g_r.unsqueeze(1), torch.stack([-i_minus, i_plus], dim=1)]
     return torch.cat(mixed, dim=-1)
-
-
-class _GatedSecondLayer(torch.autograd.Function):
-    """``_gated_mix(hidden, gates) @ weight.T`` that keeps only the hidden units and gates for
-    backward (autograd needs them anyway) and recomputes the cheap elementwise gating
-    there, instead of also storing the gated tensor (E x 2 x 4H per order m)."""
-
-    @staticmethod
-    def forward(
-        h_source: torch.Tensor, g_source: torch.Tensor, h_target: torch.Tensor, g_target: torch.Tensor,
-        weight: torch.Tensor, rotating: bool,
-    ) -> torch.Tensor:
-        return torch.matmul(_gated_mix((h_source, h_target), (g_source, g_target), rotating), weight.t())
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
-        *tensors, rotating = inputs
-        ctx.rotating = rotating
-        ctx.save_for_backward(*tensors)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
-        h_source, g_source, h_target, g_target, weight = ctx.saved_tensors
-        with torch.enable_grad():
-            leaves = [t.detach().requires_grad_() for t in (h_source, g_source, h_target, g_target)]
-            mixed = _gated_mix((leaves[0], leaves[2]), (leaves[1], leaves[3]), ctx.rotating)
-        grad_weight = None
-        if ctx.needs_input_grad[4]:
-            grad_weight = grad.reshape(-1, grad.shape[-1]).t() @ mixed.detach().reshape(-1, mixed.shape[-1])
-        grads = torch.autograd.grad(mixed, leaves, torch.matmul(grad, weight))
-        return (*grads, grad_weight, None)
-
-
-def gated_second_layer(
-    h_source: torch.Tensor, g_source: torch.Tensor, h_target: torch.Tensor, g_target: torch.Tensor,
-    weight: torch.Tensor, rotating: bool,
-) -> torch.Tensor:
-    """Second SO(2) layer of the source and target blocks at once (their outputs summed)."""
-    if _saves_memory_by_recomputing(h_source):
-        return _GatedSecondLayer.apply(h_source, g_source, h_target, g_target, weight, rotating)
-    return torch.matmul(_gated_mix((h_source, h_target), (g_source, g_target), rotating), weight.t())
-
-
-def _rotated_first_layers(
-    x: torch.Tensor, rotation: torch.Tensor, index: torch.Tensor, row_sizes: list[int], weights: tuple[torch.Tensor, ...]
-) -> tuple[torch.Tensor, ...]:
-    """Rotate the features of the atoms ``index`` into their edge frames (m-major rows) and
-    apply the first SO(2) layer of each order: m = 0 -> [E, H], m > 0 -> [E, 2, 2H]."""
-    with _float32_region(x):
-        rotated = torch.bmm(rotation, _float32(x).index_select(0, index))
-    pieces = rotated.split(row_sizes, dim=1)
-    num_edges = rotated.shape[0]
-    out = [torch.matmul(pieces[0].reshape(num_edges, weights[0].shape[1]), weights[0].t())]
-    for piece, weight in zip(pieces[1:], weights[1:]):
-        out.append(torch.matmul(piece.reshape(num_edges, 2, weight.shape[1]), weight.t()))
-    return tuple(out)
-
-
-class _RotatedFirstLayers(torch.autograd.Function):
-    """:func:`_rotated_first_layers` that recomputes the rotated edge features (a gather and
-    a small product) in backward instead of storing them (E x coefficients x C per block)."""
-
-    @staticmethod
-    def forward(x: torch.Tensor, rotation: torch.Tensor, index: torch.Tensor, row_sizes: list[int], *weights: torch.Tensor):
-        return _rotated_first_layers(x, rotation, index, row_sizes, weights)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-        x, rotation, index, row_sizes, *weights = inputs
-        ctx.row_sizes = row_sizes
-        ctx.save_for_backward(x, rotation, index, *weights)
-
-    @staticmethod
-    def backward(ctx: Any, *grads: torch.Tensor) -> tuple:
-        x, rotation, index, *weights = ctx.saved_tensors
-        rotated = torch.bmm(rotation, x.index_select(0, index))
-        pieces = rotated.split(ctx.row_sizes, dim=1)
-        grad_pieces, grad_weights = [], []
-        for piece, weight, grad in zip(pieces, weights, grads):
-            flat_in = piece.reshape(-1, weight.shape[1])
-            flat_grad = grad.reshape(-1, weight.shape[0])
-            grad_weights.append(flat_grad.t() @ flat_in if ctx.needs_input_grad[4 + len(grad_weights)] else None)
-            grad_pieces.append((flat_grad @ weight).view(piece.shape))
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_edges = torch.bmm(rotation.transpose(1, 2), torch.cat(grad_pieces, dim=1))
-            grad_x = torch.zeros_like(x).index_add_(0, index, grad_edges)
-        return (grad_x, None, None, None, *grad_weights)
-
-
-def rotated_first_layers(
-    x: torch.Tensor, rotation: torch.Tensor, index: torch.Tensor, row_sizes: list[int], weights: tuple[torch.Tensor, ...]
-) -> tuple[torch.Tensor, ...]:
-    """First SO(2) layers of rotated edge features; see :func:`_rotated_first_layers`."""
-    if _saves_memory_by_recomputing(x):
-        return _RotatedFirstLayers.apply(x, rotation, index, row_sizes, *weights)
-    return _rotated_first_layers(x, rotation, index, row_sizes, weights)
 
 
 def calc_sphere_points(num_points: int) -> torch.Tensor:
@@ -517,8 +423,13 @@ class eSCN(nn.Module):  # noqa: N801 - the reference's public name
         )
         x[:, 0, :] = self.sphere_embedding(atomic_numbers)
         expanded_distance = self.distance_expansion(edge_distance)  # shared by every layer
+        geometry = None
+        if not _tracing() and self.layer_blocks:
+            geometry = self.layer_blocks[0].message_block.geometry(wigner, edge_index, num_atoms)
         for i, layer in enumerate(self.layer_blocks):
-            update = layer(x, atomic_numbers, edge_distance, edge_index, wigner, expanded_distance=expanded_distance)
+            update = layer(
+                x, atomic_numbers, edge_distance, edge_index, wigner, expanded_distance=expanded_distance, geometry=geometry
+            )
             x = update if i == 0 else x + update
         return x
 
@@ -643,11 +554,13 @@ class LayerBlock(nn.Module):
         edge_index: torch.Tensor,
         wigner: torch.Tensor,
         expanded_distance: torch.Tensor | None = None,
+        geometry: MessageGeometry | None = None,
     ) -> torch.Tensor:
-        """``expanded_distance``: the distance expansion of ``edge_distance`` when the caller
-        already has it (it is the same for every layer)."""
+        """``expanded_distance`` and ``geometry``: the distance expansion of ``edge_distance``
+        and :meth:`MessageBlock.geometry` when the caller already has them (they are the same
+        for every layer)."""
         x_message = self.message_block(
-            x, atomic_numbers, edge_distance, edge_index, wigner, expanded_distance=expanded_distance
+            x, atomic_numbers, edge_distance, edge_index, wigner, expanded_distance=expanded_distance, geometry=geometry
         )
         grid = self.SO3_grid["lmax_lmax"]
         with _float32_region(x):
@@ -699,6 +612,12 @@ class MessageBlock(nn.Module):
         self.register_buffer("grid_to", grid.to_grid_mat.flatten(0, 1)[:, to_m].contiguous(), persistent=False)
         self.register_buffer("grid_from", grid.from_grid_mat.flatten(0, 1)[:, to_m].t().contiguous(), persistent=False)
         self.m_size = list(self.so2_block_source.mappingReduced.m_size)
+        # Rows of order ±m of the Wigner matrices read by the grouped first layers.
+        self.order_rows_shape = []
+        for m, (index, shape) in enumerate(order_rows_index(lmax, mmax)):
+            self.register_buffer(f"order_rows_index_{m}", index, persistent=False)
+            self.order_rows_shape.append(shape)
+        self.terms = so2_terms(hidden_channels, mmax)
 
     def forward(
         self,
@@ -708,50 +627,82 @@ class MessageBlock(nn.Module):
         edge_index: torch.Tensor,
         wigner: torch.Tensor,
         expanded_distance: torch.Tensor | None = None,
+        geometry: MessageGeometry | None = None,
     ) -> torch.Tensor:
+        """``geometry``: :meth:`geometry` of this graph when the caller already has it (it
+        is the same for every layer)."""
         source, target = edge_index[0], edge_index[1]
         x_edge = self.edge_block(
             edge_distance, atomic_numbers[source], atomic_numbers[target], expanded_distance=expanded_distance
         )
-        # Rows of the (reduced, m-major) rotation: wigner[:, out_mask, :] reordered.
-        rotation = wigner.index_select(1, self.rotation_rows)
-        y = self._so2_sum(x, rotation, source, target, x_edge)
-        with _float32_region(y):
-            y = _float32(y)
-            y = grid_silu(y, self.grid_to, self.grid_from)
-            y = torch.bmm(rotation.transpose(1, 2), y)
-        return sum_into_targets(y, target, x.shape[0])
-
-    def _so2_sum(
-        self, x: torch.Tensor, rotation: torch.Tensor, source: torch.Tensor, target: torch.Tensor, x_edge: torch.Tensor
-    ) -> torch.Tensor:
-        """so2_block_source(rotated source) + so2_block_target(rotated target), m-major out.
-
-        The same computation as the two SO2Blocks, with their matrices concatenated so
-        that each stage is one matrix product: all edge gates at once; the real and
-        imaginary first layers at once; the second layers of both parts and both blocks at
-        once, which also performs the source + target sum. Tensors are cut with
-        split/unbind, whose backward is one concatenation (slicing would zero-fill).
-        """
-        num_edges = x_edge.shape[0]
-        channels = self.sphere_channels
-        hidden = self.hidden_channels
+        if _tracing():
+            return self._forward_per_edge(x, x_edge, edge_index, wigner)
+        if geometry is None:
+            geometry = self.geometry(wigner, edge_index, x.shape[0])
         blocks = (self.so2_block_source, self.so2_block_target)
-        gate_weights, gate_biases = [], []
-        for block in blocks:
-            gate_weights += [block.fc1_dist0.weight] + [conv.fc1_dist.weight for conv in block.so2_conv]
-            gate_biases += [block.fc1_dist0.bias] + [conv.fc1_dist.bias for conv in block.so2_conv]
-        gates = self.act(nn.functional.linear(x_edge, torch.cat(gate_weights), torch.cat(gate_biases)))
-        gate_sizes = ([hidden] + [2 * hidden] * self.mmax) * 2
-        gates_by_block = (gates.split(gate_sizes, dim=1)[: 1 + self.mmax], gates.split(gate_sizes, dim=1)[1 + self.mmax :])
-        row_sizes = [self.m_size[0]] + [2 * size for size in self.m_size[1:]]
-        # First layers: fc1_m0 for m = 0; [fc1_r; fc1_i] stacked for each m > 0.
-        hidden_by_block = []
-        for block, index in zip(blocks, (source, target)):
-            firsts = [block.fc1_m0.weight] + [torch.cat([c.fc1_r.weight, c.fc1_i.weight]) for c in block.so2_conv]
-            hidden_by_block.append(rotated_first_layers(x, rotation, index, row_sizes, tuple(firsts)))
+        gate_weight, gate_bias = self._gate_parameters()
+        projections = first_layer_projections(
+            x, [self._term_weights(blocks[t.side], t)[0] for t in self.terms], [t.order for t in self.terms]
+        )
+        outs = grouped_so2(
+            geometry, self.terms, self.mmax + 1, x_edge, gate_weight, gate_bias, projections,
+            [self._term_weights(blocks[t.side], t)[1] for t in self.terms],
+        )
+        y = torch.cat(
+            [out.view(out.shape[0], out.shape[1] * out.shape[2] // self.sphere_channels, self.sphere_channels) for out in outs],
+            dim=1,
+        )
+        with _float32_region(y):
+            y = grid_silu(_float32(y), self.grid_to, self.grid_from)
+            return geometry.groups[1].sum_products(geometry.back_rows, y, x.shape[0])
 
-        # Second layers: both blocks at once, which also sums source and target.
+    def geometry(self, wigner: torch.Tensor, edge_index: torch.Tensor, num_atoms: int) -> MessageGeometry:
+        """The per-graph constants of the grouped computation (see :class:`MessageGeometry`)."""
+        return build_geometry(
+            wigner,
+            edge_index,
+            num_atoms,
+            [getattr(self, f"order_rows_index_{m}") for m in range(self.mmax + 1)],
+            self.order_rows_shape,
+            self.rotation_rows,
+        )
+
+    def _gate_parameters(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every edge gate of both blocks as one linear map (the terms' gate order)."""
+        weights, biases = [], []
+        for block in (self.so2_block_source, self.so2_block_target):
+            weights += [block.fc1_dist0.weight] + [conv.fc1_dist.weight for conv in block.so2_conv]
+            biases += [block.fc1_dist0.bias] + [conv.fc1_dist.bias for conv in block.so2_conv]
+        return torch.cat(weights), torch.cat(biases)
+
+    def _term_weights(self, block: "SO2Block", term: Term) -> tuple[torch.Tensor, torch.Tensor]:
+        """(first-layer weight as [H, degrees l >= m, C], second-layer weight [K_m, H]) of a term."""
+        if term.order == 0:
+            first, second = block.fc1_m0.weight, block.fc2_m0.weight
+        else:
+            conv = block.so2_conv[term.order - 1]
+            first, second = (conv.fc1_r.weight, conv.fc2_r.weight) if term.rows_key == "plain" else (
+                conv.fc1_i.weight, conv.fc2_i.weight
+            )
+        return first.view(first.shape[0], self.lmax - term.order + 1, self.sphere_channels), second
+
+    def _first_weights(self, block: "SO2Block") -> list[torch.Tensor]:
+        """First-layer weights per order m as [width_m, degrees l >= m, C] (real and imaginary
+        parts stacked for m > 0)."""
+        weights = [block.fc1_m0.weight] + [torch.cat([c.fc1_r.weight, c.fc1_i.weight]) for c in block.so2_conv]
+        return [w.view(w.shape[0], self.lmax - m + 1, self.sphere_channels) for m, w in enumerate(weights)]
+
+    def _second_layers(self, hidden: list[list[torch.Tensor]], x_edge: torch.Tensor) -> torch.Tensor:
+        """Gate the first layers' outputs by the edge and apply the second layers of both
+        blocks (summing source and target) -> [E, reduced, C] in m-major order; each stage
+        is one product over the concatenated matrices of both SO2Blocks."""
+        num_edges = x_edge.shape[0]
+        hidden_channels = self.hidden_channels
+        blocks = (self.so2_block_source, self.so2_block_target)
+        gate_weight, gate_bias = self._gate_parameters()
+        gates = self.act(nn.functional.linear(x_edge, gate_weight, gate_bias))
+        gates = gates.split(([hidden_channels] + [2 * hidden_channels] * self.mmax) * 2, dim=1)
+        source_gates, target_gates = gates[: 1 + self.mmax], gates[1 + self.mmax :]
         parts = []
         for m in range(self.mmax + 1):
             if m == 0:
@@ -760,11 +711,36 @@ class MessageBlock(nn.Module):
                 second = torch.cat(
                     [w for b in blocks for w in (b.so2_conv[m - 1].fc2_r.weight, b.so2_conv[m - 1].fc2_i.weight)], dim=1
                 )
-            out_m = gated_second_layer(
-                hidden_by_block[0][m], gates_by_block[0][m], hidden_by_block[1][m], gates_by_block[1][m], second, m > 0
-            )
-            parts.append(out_m.view(num_edges, row_sizes[m], channels))
+            mixed = _gated_mix((hidden[0][m], hidden[1][m]), (source_gates[m], target_gates[m]), m > 0)
+            out_m = torch.matmul(mixed, second.t())
+            parts.append(out_m.view(num_edges, self.m_size[m] * (1 if m == 0 else 2), self.sphere_channels))
         return torch.cat(parts, dim=1)
+
+    def _forward_per_edge(
+        self, x: torch.Tensor, x_edge: torch.Tensor, edge_index: torch.Tensor, wigner: torch.Tensor
+    ) -> torch.Tensor:
+        """The same computation edge by edge (rotate each edge's features, then the first
+        layers as GEMMs over edges): static shapes, used when tracing for export/compile."""
+        source, target = edge_index[0], edge_index[1]
+        rotation = wigner.index_select(1, self.rotation_rows)
+        row_sizes = [self.m_size[0]] + [2 * size for size in self.m_size[1:]]
+        hidden = []
+        for block, index in zip((self.so2_block_source, self.so2_block_target), (source, target)):
+            with _float32_region(x):
+                rotated = torch.bmm(rotation, _float32(x).index_select(0, index))
+            pieces = rotated.split(row_sizes, dim=1)
+            per_m = []
+            for m, (piece, weight) in enumerate(zip(pieces, self._first_weights(block))):
+                flat = weight.flatten(1)
+                rows = piece.reshape(piece.shape[0], 1 if m == 0 else 2, flat.shape[1])
+                out = torch.matmul(rows, flat.t())
+                per_m.append(out.squeeze(1) if m == 0 else out)
+            hidden.append(per_m)
+        y = self._second_layers(hidden, x_edge)
+        with _float32_region(y):
+            y = grid_silu(_float32(y), self.grid_to, self.grid_from)
+            y = torch.bmm(rotation.transpose(1, 2), y)
+        return sum_into_targets(y, target, x.shape[0])
 
 
 class SO2Block(nn.Module):

@@ -1,0 +1,224 @@
+"""The SO(2) convolutions of a message block, computed per atom and per edge group.
+
+A message block's SO(2) stage, for the source and the target block, is: rotate the atom's
+features into the edge frame, first layer (a linear map per order m), gate by the edge,
+second layer, sum the two blocks. Rotation and first layer are both linear, on different
+axes, so the first layer runs once per atom (:func:`first_layer_projections`) and only a
+contraction with the edge's Wigner rows remains per edge (:mod:`.edge_groups`).
+
+The stage is a list of *terms*, each a (block, order m, part) triple: m = 0 has one part;
+m > 0 has a real and an imaginary part. A term's output is
+
+    (rows_e @ projection[atom(e)]) * gate_e  @  second_weightᵀ
+
+summed over the terms of each order. The imaginary part enters the output rows swapped
+and negated, (+m, -m) <- (-i[-m], +i[+m]); that is folded into its Wigner rows, so every
+term is a plain sum.
+
+In training, :class:`_GroupedSO2` keeps only the edge features and the per-atom projections
+for backward and recomputes the gates and the first-layer outputs there (a small GEMM and
+the grouped products), instead of storing several [E, hidden] tensors per term.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from escn_train.models.edge_groups import EdgeGroups
+
+
+@dataclass(frozen=True)
+class Term:
+    """One (block, m, part) of the SO(2) stage: which groups and rows it reads, which
+    slice of the gates it uses, and which output order it adds to."""
+
+    side: int  # 0 = source block (edges grouped by source), 1 = target block
+    order: int
+    rows_key: str  # "plain" or "swapped" (imaginary part of m > 0)
+    gate_start: int
+    width: int
+
+
+@dataclass
+class MessageGeometry:
+    """Per-graph constants shared by every message block of a forward pass: the edges
+    grouped by source and by target atom, each order's Wigner rows padded to those groups
+    (``rows[side][key][m]``: rows of order m, or ±m, restricted to degrees l >= m), and the
+    reduced rotation padded to the target groups (``back_rows``: rotation back and sum
+    over each target atom's edges)."""
+
+    groups: tuple[EdgeGroups, EdgeGroups]
+    rows: tuple[dict[str, list[torch.Tensor]], dict[str, list[torch.Tensor]]]
+    back_rows: torch.Tensor
+
+
+def order_rows_index(lmax: int, mmax: int) -> list[tuple[torch.Tensor, tuple[int, int]]]:
+    """Flat indices into a [(lmax+1)^2, (lmax+1)^2] Wigner matrix, per order m, of rows ±m
+    on the columns of degree l >= m (each column read in its own degree block), with their
+    shape: m = 0 -> (1, K_0), m > 0 -> (2, K_m) rows (+m, -m), K_m = (lmax+1)^2 - m^2."""
+    size = (lmax + 1) ** 2
+    degree = [l for l in range(lmax + 1) for _ in range(2 * l + 1)]
+    out = []
+    for m in range(mmax + 1):
+        signs = (0,) if m == 0 else (1, -1)
+        columns = range(m * m, size)
+        index = [(degree[k] ** 2 + degree[k] + s * m) * size + k for s in signs for k in columns]
+        out.append((torch.tensor(index, dtype=torch.long), (len(signs), len(columns))))
+    return out
+
+
+def build_geometry(
+    wigner: torch.Tensor,
+    edge_index: torch.Tensor,
+    num_atoms: int,
+    rows_index: list[torch.Tensor],
+    rows_shape: list[tuple[int, int]],
+    rotation_rows: torch.Tensor,
+) -> MessageGeometry:
+    """:class:`MessageGeometry` of a graph from its Wigner matrices [E, S, S]."""
+    groups = (EdgeGroups.build(edge_index[0], num_atoms), EdgeGroups.build(edge_index[1], num_atoms))
+    flat = wigner.flatten(1)
+    per_order = [flat.index_select(1, index).view(-1, *shape) for index, shape in zip(rows_index, rows_shape)]
+    # Imaginary parts: rows (+m, -m) <- (-rows[-m], +rows[+m]).
+    swapped = [None] + [torch.stack([-r[:, 1], r[:, 0]], dim=1) for r in per_order[1:]]
+    rows = tuple(
+        {
+            "plain": [g.pad(r) for r in per_order],
+            "swapped": [None] + [g.pad(r) for r in swapped[1:]],
+        }
+        for g in groups
+    )
+    back_rows = groups[1].pad(wigner.index_select(1, rotation_rows))
+    return MessageGeometry(groups, rows, back_rows)
+
+
+def so2_terms(hidden_channels: int, mmax: int) -> list[Term]:
+    """The terms in the order of the concatenated gate weights: per block, fc1_dist0 (m = 0)
+    then each SO2Conv's fc1_dist (real half, imaginary half)."""
+    terms, start = [], 0
+    for side in range(2):
+        terms.append(Term(side, 0, "plain", start, hidden_channels))
+        start += hidden_channels
+        for m in range(1, mmax + 1):
+            terms.append(Term(side, m, "plain", start, hidden_channels))
+            terms.append(Term(side, m, "swapped", start + hidden_channels, hidden_channels))
+            start += 2 * hidden_channels
+    return terms
+
+
+def first_layer_projections(x: torch.Tensor, first_weights: list[torch.Tensor], orders: list[int]) -> list[torch.Tensor]:
+    """Each term's first layer applied per atom: [N, (lmax+1)^2, C] -> [N, K_m, H] per term.
+
+    ``first_weights[t]`` is [H, degrees l >= m, C]; the map of degree l acts on all 2l+1
+    coefficients of that degree. One GEMM per degree serves every term.
+    """
+    lmax = int(round(x.shape[1] ** 0.5)) - 1
+    pieces: list[list[torch.Tensor]] = [[] for _ in first_weights]
+    for l in range(lmax + 1):
+        active = [t for t, m in enumerate(orders) if m <= l]
+        stacked = torch.cat([first_weights[t][:, l - orders[t]] for t in active])
+        per_degree = torch.matmul(x[:, l * l : (l + 1) ** 2], stacked.t())
+        for t, piece in zip(active, per_degree.split([first_weights[t].shape[0] for t in active], dim=-1)):
+            pieces[t].append(piece)
+    return [p[0] if len(p) == 1 else torch.cat(p, dim=1) for p in pieces]
+
+
+def _term_rows(geometry: MessageGeometry, term: Term) -> torch.Tensor:
+    return geometry.rows[term.side][term.rows_key][term.order]
+
+
+def _forward(
+    geometry: MessageGeometry, terms: list[Term], num_orders: int, x_edge: torch.Tensor, gate_weight: torch.Tensor,
+    gate_bias: torch.Tensor, projections: tuple[torch.Tensor, ...], second_weights: tuple[torch.Tensor, ...],
+) -> tuple[torch.Tensor, ...]:
+    num_edges = x_edge.shape[0]
+    gates = nn.functional.silu(nn.functional.linear(x_edge, gate_weight, gate_bias))
+    outs: list[Any] = [None] * num_orders
+    for term, projection, second in zip(terms, projections, second_weights):
+        # Rotations stay in float32 under autocast (as everywhere in the model).
+        with _autocast_off(x_edge):
+            hidden = geometry.groups[term.side].edge_products(_term_rows(geometry, term), _float32(projection))
+        gate = gates[:, term.gate_start : term.gate_start + term.width].unsqueeze(1)
+        mixed = (hidden * gate).view(-1, term.width)
+        if outs[term.order] is None:
+            outs[term.order] = torch.matmul(mixed, second.t())
+        else:
+            outs[term.order] = torch.addmm(outs[term.order], mixed, second.t())
+    return tuple(out.view(num_edges, 1 if m == 0 else 2, out.shape[-1]) for m, out in enumerate(outs))
+
+
+def _float32(x: torch.Tensor) -> torch.Tensor:
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def _autocast_off(x: torch.Tensor) -> contextlib.AbstractContextManager:
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.autocast(x.device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+class _GroupedSO2(torch.autograd.Function):
+    """:func:`_forward` whose backward recomputes the gates and the first-layer outputs."""
+
+    @staticmethod
+    def forward(geometry, terms, num_orders, x_edge, gate_weight, gate_bias, *tensors):  # type: ignore[override]
+        half = len(tensors) // 2
+        return _forward(geometry, terms, num_orders, x_edge, gate_weight, gate_bias, tensors[:half], tensors[half:])
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Any) -> None:
+        geometry, terms, num_orders, *tensors = inputs
+        ctx.geometry, ctx.terms = geometry, terms
+        ctx.save_for_backward(*tensors)
+
+    @staticmethod
+    def backward(ctx: Any, *grad_outs: torch.Tensor) -> tuple:
+        x_edge, gate_weight, gate_bias, *tensors = ctx.saved_tensors
+        half = len(tensors) // 2
+        projections, second_weights = tensors[:half], tensors[half:]
+        geometry, terms = ctx.geometry, ctx.terms
+        pre = nn.functional.linear(x_edge, gate_weight, gate_bias)
+        gates = nn.functional.silu(pre)
+        grad_gates = torch.empty_like(gates)
+        grad_projections, grad_seconds = [], []
+        for term, projection, second in zip(terms, projections, second_weights):
+            groups, rows = geometry.groups[term.side], _term_rows(geometry, term)
+            hidden = groups.edge_products(rows, projection)
+            gate = gates[:, term.gate_start : term.gate_start + term.width].unsqueeze(1)
+            grad_out = grad_outs[term.order].reshape(-1, second.shape[0])
+            grad_seconds.append(grad_out.t() @ (hidden * gate).view(-1, term.width))
+            grad_mixed = (grad_out @ second).view(hidden.shape)
+            grad_gates[:, term.gate_start : term.gate_start + term.width] = (grad_mixed * hidden).sum(1)
+            grad_projections.append(groups.sum_products(rows, grad_mixed * gate, projection.shape[0]))
+        grad_pre = torch.ops.aten.silu_backward(grad_gates, pre)
+        grad_x_edge = grad_pre @ gate_weight if ctx.needs_input_grad[3] else None
+        grad_gate_weight = grad_pre.t() @ x_edge if ctx.needs_input_grad[4] else None
+        grad_gate_bias = grad_pre.sum(0) if ctx.needs_input_grad[5] else None
+        return (None, None, None, grad_x_edge, grad_gate_weight, grad_gate_bias, *grad_projections, *grad_seconds)
+
+
+def grouped_so2(
+    geometry: MessageGeometry,
+    terms: list[Term],
+    num_orders: int,
+    x_edge: torch.Tensor,
+    gate_weight: torch.Tensor,
+    gate_bias: torch.Tensor,
+    projections: list[torch.Tensor],
+    second_weights: list[torch.Tensor],
+) -> tuple[torch.Tensor, ...]:
+    """Outputs of the SO(2) stage per order m: [E, rows_m, K_m] (m = 0: one row).
+
+    ``projections``: :func:`first_layer_projections`; ``second_weights[t]``: [K_m, H].
+    Eager full-precision training uses the recomputing autograd function; otherwise
+    (inference, mixed precision) the same expressions run under autograd as they are.
+    """
+    recompute = torch.is_grad_enabled() and not torch.is_autocast_enabled(x_edge.device.type)
+    if recompute:
+        return _GroupedSO2.apply(geometry, terms, num_orders, x_edge, gate_weight, gate_bias, *projections, *second_weights)
+    return _forward(geometry, terms, num_orders, x_edge, gate_weight, gate_bias, tuple(projections), tuple(second_weights))

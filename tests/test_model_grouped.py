@@ -1,0 +1,80 @@
+"""Edges grouped by atom (escn_train.models.edge_groups) and the grouped SO(2) stage."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from escn_train.models import edge_groups
+from escn_train.models.edge_groups import EdgeGroups
+from escn_train.models.grouped_so2 import _GroupedSO2, _forward, build_geometry, order_rows_index, so2_terms
+
+
+def _random_graph(num_atoms: int, num_edges: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    edges = torch.randint(0, num_atoms, (2, num_edges), generator=gen)
+    edges[:, 0] = 0  # atom 0 has the largest degree
+    edges[:, :8] = 0
+    return edges
+
+
+@pytest.mark.parametrize("sizes", [(16, 32), (3,)], ids=["default", "split"])
+def test_edge_groups_products_equal_per_edge_products(sizes, monkeypatch):
+    monkeypatch.setattr(edge_groups, "_CANDIDATE_SIZES", sizes)
+    num_atoms = 7  # atom 6 has no edge at all
+    atom = _random_graph(6, 40, 0)[0]
+    groups = EdgeGroups.build(atom, num_atoms)
+    assert groups.slot.unique().numel() == atom.numel()  # every edge its own slot
+    assert torch.equal(groups.group_atom[groups.slot // groups.size], atom)
+    assert groups.one_per_atom == (sizes != (3,))
+
+    gen = torch.Generator().manual_seed(1)
+    rows = torch.randn(atom.numel(), 2, 5, dtype=torch.float64, generator=gen)
+    per_atom = torch.randn(num_atoms, 5, 4, dtype=torch.float64, generator=gen)
+    padded = groups.pad(rows)
+    torch.testing.assert_close(groups.edge_products(padded, per_atom), torch.bmm(rows, per_atom[atom]))
+
+    values = torch.randn(atom.numel(), 2, 3, dtype=torch.float64, generator=gen)
+    expected = torch.zeros(num_atoms, 5, 3, dtype=torch.float64).index_add(0, atom, rows.transpose(1, 2) @ values)
+    torch.testing.assert_close(groups.sum_products(padded, values, num_atoms), expected)
+
+
+def test_edge_groups_choose_the_size_with_least_padding():
+    atom = torch.cat([torch.zeros(40, dtype=torch.long), torch.arange(1, 11)])  # one hub, ten leaves
+    groups = EdgeGroups.build(atom, 11)
+    assert groups.size * groups.num_groups < 40 * 11  # not padded to the hub's degree
+    assert not groups.one_per_atom
+    even = EdgeGroups.build(torch.arange(5).repeat_interleave(4), 5)
+    assert (even.size, even.num_groups, even.one_per_atom) == (4, 5, True)
+
+
+@pytest.mark.parametrize("sizes", [(16, 32), (2,)], ids=["default", "split"])
+def test_grouped_so2_backward_passes_gradcheck(sizes, monkeypatch):
+    """The recomputing backward against finite differences (float64)."""
+    monkeypatch.setattr(edge_groups, "_CANDIDATE_SIZES", sizes)
+    lmax, mmax, hidden, channels, edge_channels, atoms = 2, 1, 3, 2, 4, 4
+    edges = _random_graph(atoms, 9, 2)
+    gen = torch.Generator().manual_seed(3)
+    size = (lmax + 1) ** 2
+    wigner = torch.randn(edges.shape[1], size, size, dtype=torch.float64, generator=gen)
+    index_shapes = order_rows_index(lmax, mmax)
+    geometry = build_geometry(
+        wigner, edges, atoms, [i for i, _ in index_shapes], [s for _, s in index_shapes], torch.arange(size)
+    )
+    terms = so2_terms(hidden, mmax)
+
+    def leaf(*shape):
+        return torch.randn(*shape, dtype=torch.float64, generator=gen, requires_grad=True)
+
+    x_edge, gate_weight, gate_bias = leaf(edges.shape[1], edge_channels), leaf(2 * 3 * hidden, edge_channels), leaf(2 * 3 * hidden)
+    projections = [leaf(atoms, size - t.order**2, hidden) for t in terms]
+    seconds = [leaf((lmax - t.order + 1) * channels, hidden) for t in terms]
+    inputs = (x_edge, gate_weight, gate_bias, *projections, *seconds)
+
+    def grouped(*tensors):
+        return _GroupedSO2.apply(geometry, terms, mmax + 1, *tensors)
+
+    assert torch.autograd.gradcheck(grouped, inputs)
+    plain = _forward(geometry, terms, mmax + 1, x_edge, gate_weight, gate_bias, tuple(projections), tuple(seconds))
+    for a, b in zip(grouped(*inputs), plain):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
