@@ -33,10 +33,15 @@ class EdgeGroups:
     """
 
     slot: torch.Tensor
+    empty_slots: torch.Tensor
     group_atom: torch.Tensor
     size: int
     num_groups: int
     one_per_atom: bool
+
+    @property
+    def num_slots(self) -> int:
+        return self.num_groups * self.size
 
     @staticmethod
     def build(atom: torch.Tensor, num_atoms: int) -> "EdgeGroups":
@@ -58,12 +63,17 @@ class EdgeGroups:
         rank[order] = torch.arange(num_edges, device=atom.device) - first_edge[atom[order]]
         slot = (first_group[atom] + rank // size) * size + rank % size
         group_atom = torch.repeat_interleave(torch.arange(num_atoms, device=atom.device), groups_per_atom)
-        return EdgeGroups(slot, group_atom, size, num_groups, num_groups == num_atoms)
+        empty = torch.ones(num_groups * size, dtype=torch.bool, device=atom.device)
+        empty[slot] = False
+        return EdgeGroups(slot, empty.nonzero().view(-1), group_atom, size, num_groups, num_groups == num_atoms)
+
+    def empty_padded(self, values: torch.Tensor) -> torch.Tensor:
+        """An uninitialised [slots, *values.shape[1:]] buffer whose empty slots are zero."""
+        return values.new_empty(self.num_slots, *values.shape[1:]).index_fill_(0, self.empty_slots, 0)
 
     def pad(self, values: torch.Tensor) -> torch.Tensor:
         """[E, rows, cols] per-edge values -> [groups, size * rows, cols], zeros in empty slots."""
-        padded = values.new_zeros(self.num_groups * self.size, *values.shape[1:])
-        padded = padded.index_copy(0, self.slot, values)
+        padded = self.empty_padded(values).index_copy_(0, self.slot, values)
         return padded.view(self.num_groups, self.size * values.shape[1], values.shape[2])
 
     def per_group(self, per_atom: torch.Tensor) -> torch.Tensor:
@@ -85,7 +95,12 @@ class EdgeGroups:
 
         ``padded_rows`` [groups, size * r, K], ``values`` [E, r, W] -> [atoms, K, W].
         """
-        summed = torch.bmm(padded_rows.transpose(1, 2), self.pad(values))
+        return self.sum_padded(padded_rows, self.pad(values), num_atoms)
+
+    def sum_padded(self, padded_rows: torch.Tensor, padded_values: torch.Tensor, num_atoms: int) -> torch.Tensor:
+        """:meth:`sum_products` of values already padded, [slots, r, W] or [groups, size * r, W]."""
+        padded_values = padded_values.reshape(self.num_groups, padded_rows.shape[1], -1)
+        summed = torch.bmm(padded_rows.transpose(1, 2), padded_values)
         if self.one_per_atom:
             return summed
         return summed.new_zeros(num_atoms, *summed.shape[1:]).index_add(0, self.group_atom, summed)

@@ -18,12 +18,14 @@ from e3nn import o3
 from torch import nn
 
 from escn_train.graph import edge_vectors, radius_graph_pbc
+from escn_train.models.edge_groups import EdgeGroups
 from escn_train.models.grouped_so2 import (
     MessageGeometry,
     Term,
     build_geometry,
     first_layer_projections,
     grouped_so2,
+    order_row_offsets,
     order_rows_index,
     so2_terms,
 )
@@ -97,41 +99,55 @@ class _GridSiLU(torch.autograd.Function):
     The grid values (E x points x C) are the largest activation of a message block. Here
     they exist one cache-sized block of edges at a time (memory traffic is the cost of
     this stage on CPUs), and backward recomputes them from ``y`` instead of storing them.
-    Results and gradients are bit for bit those of the unblocked expression.
+    With ``groups`` each edge's result goes to its slot of the groups' padded layout (the
+    layout the rotation back reads), the empty slots being zero. Results and gradients are
+    bit for bit those of the unblocked expression.
     """
 
     @staticmethod
-    def forward(y: torch.Tensor, to_grid: torch.Tensor, from_grid: torch.Tensor) -> torch.Tensor:
-        out = y.new_empty(y.shape[0], from_grid.shape[0], y.shape[2])
+    def forward(y: torch.Tensor, to_grid: torch.Tensor, from_grid: torch.Tensor, groups: EdgeGroups | None) -> torch.Tensor:
+        shape = (y.shape[0], from_grid.shape[0], y.shape[2])
+        out = y.new_empty(shape) if groups is None else groups.empty_padded(y.new_empty(0, *shape[1:]))
         step = _edge_block_size(to_grid, y)
         for start in range(0, y.shape[0], step):
-            block = y[start : start + step]
-            out[start : start + step] = torch.matmul(from_grid, nn.functional.silu(torch.matmul(to_grid, block)))
+            grid = nn.functional.silu(torch.matmul(to_grid, y[start : start + step]), inplace=True)
+            if groups is None:
+                torch.matmul(from_grid, grid, out=out[start : start + step])
+            else:
+                out.index_copy_(0, groups.slot[start : start + step], torch.matmul(from_grid, grid))
         return out
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
-        ctx.save_for_backward(*inputs)
+        y, to_grid, from_grid, groups = inputs
+        ctx.groups = groups
+        ctx.save_for_backward(y, to_grid, from_grid)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
         y, to_grid, from_grid = ctx.saved_tensors
+        groups = ctx.groups
         grad_y = torch.empty_like(y)
         step = _edge_block_size(to_grid, y)
         for start in range(0, y.shape[0], step):
             grid = torch.matmul(to_grid, y[start : start + step])
-            grad_grid = torch.ops.aten.silu_backward(torch.matmul(from_grid.t(), grad[start : start + step]), grid)
-            grad_y[start : start + step] = torch.matmul(to_grid.t(), grad_grid)
-        return grad_y, None, None
+            grad_out = grad[start : start + step] if groups is None else grad.index_select(0, groups.slot[start : start + step])
+            grad_grid = torch.ops.aten.silu_backward(torch.matmul(from_grid.t(), grad_out), grid)
+            torch.matmul(to_grid.t(), grad_grid, out=grad_y[start : start + step])
+        return grad_y, None, None, None
 
 
-def grid_silu(y: torch.Tensor, to_grid: torch.Tensor, from_grid: torch.Tensor) -> torch.Tensor:
-    """Pointwise SiLU on the S2 grid: from_grid @ SiLU(to_grid @ y) for y [E, coeffs, C]."""
+def grid_silu(
+    y: torch.Tensor, to_grid: torch.Tensor, from_grid: torch.Tensor, groups: EdgeGroups | None = None
+) -> torch.Tensor:
+    """Pointwise SiLU on the S2 grid: from_grid @ SiLU(to_grid @ y) for y [E, coeffs, C];
+    with ``groups``, in their padded layout [slots, coeffs, C] (see :class:`_GridSiLU`)."""
     if _tracing():
-        return torch.matmul(from_grid, nn.functional.silu(torch.matmul(to_grid, y)))
+        out = torch.matmul(from_grid, nn.functional.silu(torch.matmul(to_grid, y)))
+        return out if groups is None else groups.pad(out)
     if torch.is_grad_enabled() and y.requires_grad:
-        return _GridSiLU.apply(y, to_grid, from_grid)
-    return _GridSiLU.forward(y, to_grid, from_grid)
+        return _GridSiLU.apply(y, to_grid, from_grid, groups)
+    return _GridSiLU.forward(y, to_grid, from_grid, groups)
 
 
 def _gated_mix(hidden: tuple[torch.Tensor, ...], gates: tuple[torch.Tensor, ...], rotating: bool) -> torch.Tensor:
@@ -618,6 +634,7 @@ class MessageBlock(nn.Module):
             self.register_buffer(f"order_rows_index_{m}", index, persistent=False)
             self.order_rows_shape.append(shape)
         self.terms = so2_terms(hidden_channels, mmax)
+        self.row_offsets = order_row_offsets(lmax, mmax)
 
     def forward(
         self,
@@ -644,17 +661,14 @@ class MessageBlock(nn.Module):
         projections = first_layer_projections(
             x, [self._term_weights(blocks[t.side], t)[0] for t in self.terms], [t.order for t in self.terms]
         )
-        outs = grouped_so2(
-            geometry, self.terms, self.mmax + 1, x_edge, gate_weight, gate_bias, projections,
+        y = grouped_so2(
+            geometry, self.terms, self.row_offsets, self.sphere_channels, x_edge, gate_weight, gate_bias, projections,
             [self._term_weights(blocks[t.side], t)[1] for t in self.terms],
         )
-        y = torch.cat(
-            [out.view(out.shape[0], out.shape[1] * out.shape[2] // self.sphere_channels, self.sphere_channels) for out in outs],
-            dim=1,
-        )
         with _float32_region(y):
-            y = grid_silu(_float32(y), self.grid_to, self.grid_from)
-            return geometry.groups[1].sum_products(geometry.back_rows, y, x.shape[0])
+            target = geometry.groups[1]
+            y = grid_silu(_float32(y), self.grid_to, self.grid_from, target)
+            return target.sum_padded(geometry.back_rows, y, x.shape[0])
 
     def geometry(self, wigner: torch.Tensor, edge_index: torch.Tensor, num_atoms: int) -> MessageGeometry:
         """The per-graph constants of the grouped computation (see :class:`MessageGeometry`)."""

@@ -122,7 +122,8 @@ def first_layer_projections(x: torch.Tensor, first_weights: list[torch.Tensor], 
     for l in range(lmax + 1):
         active = [t for t, m in enumerate(orders) if m <= l]
         stacked = torch.cat([first_weights[t][:, l - orders[t]] for t in active])
-        per_degree = torch.matmul(x[:, l * l : (l + 1) ** 2], stacked.t())
+        coefficients = x[:, l * l : (l + 1) ** 2].reshape(-1, x.shape[2])  # one GEMM, not a batch
+        per_degree = torch.mm(coefficients, stacked.t()).view(x.shape[0], 2 * l + 1, stacked.shape[0])
         for t, piece in zip(active, per_degree.split([first_weights[t].shape[0] for t in active], dim=-1)):
             pieces[t].append(piece)
     return [p[0] if len(p) == 1 else torch.cat(p, dim=1) for p in pieces]
@@ -132,24 +133,61 @@ def _term_rows(geometry: MessageGeometry, term: Term) -> torch.Tensor:
     return geometry.rows[term.side][term.rows_key][term.order]
 
 
+def order_row_offsets(lmax: int, mmax: int) -> list[list[int]]:
+    """First output row of each order's row signs in the m-major reduced layout:
+    m = 0 -> [0]; m > 0 -> [first +m row, first -m row]."""
+    offsets, start = [[0]], lmax + 1
+    for m in range(1, mmax + 1):
+        offsets.append([start, start + lmax - m + 1])
+        start += 2 * (lmax - m + 1)
+    return offsets
+
+
+def _output_rows(y: torch.Tensor, term: Term, offsets: list[list[int]], sign: int, width: int) -> torch.Tensor:
+    """The [E, rows x C] view of y [E, R, C] that a term's sign (+m or -m) writes."""
+    start = offsets[term.order][sign]
+    return y[:, start : start + width // y.shape[2]].flatten(1)
+
+
 def _forward(
-    geometry: MessageGeometry, terms: list[Term], num_orders: int, x_edge: torch.Tensor, gate_weight: torch.Tensor,
-    gate_bias: torch.Tensor, projections: tuple[torch.Tensor, ...], second_weights: tuple[torch.Tensor, ...],
-) -> tuple[torch.Tensor, ...]:
+    geometry: MessageGeometry, terms: list[Term], offsets: list[list[int]], x_edge: torch.Tensor,
+    gate_weight: torch.Tensor, gate_bias: torch.Tensor, projections: tuple[torch.Tensor, ...],
+    second_weights: tuple[torch.Tensor, ...], channels: int,
+) -> torch.Tensor:
+    """The stage's output [E, R, C] (m-major rows). Without autograd and autocast every
+    product writes into its rows of one output buffer; otherwise plain expressions."""
     num_edges = x_edge.shape[0]
-    gates = nn.functional.silu(nn.functional.linear(x_edge, gate_weight, gate_bias))
-    outs: list[Any] = [None] * num_orders
+    in_place = not torch.is_grad_enabled() and not torch.is_autocast_enabled(x_edge.device.type)
+    pre = nn.functional.linear(x_edge, gate_weight, gate_bias)
+    gates = nn.functional.silu(pre, inplace=in_place)
+    num_rows = offsets[-1][-1] + (second_weights[-1].shape[0] // channels)
+    if in_place:
+        y = x_edge.new_empty(num_edges, num_rows, channels)
+        written: set[tuple[int, int]] = set()
+    else:
+        pieces: dict[tuple[int, int], torch.Tensor] = {}
     for term, projection, second in zip(terms, projections, second_weights):
         # Rotations stay in float32 under autocast (as everywhere in the model).
         with _autocast_off(x_edge):
             hidden = geometry.groups[term.side].edge_products(_term_rows(geometry, term), _float32(projection))
         gate = gates[:, term.gate_start : term.gate_start + term.width].unsqueeze(1)
-        mixed = (hidden * gate).view(-1, term.width)
-        if outs[term.order] is None:
-            outs[term.order] = torch.matmul(mixed, second.t())
-        else:
-            outs[term.order] = torch.addmm(outs[term.order], mixed, second.t())
-    return tuple(out.view(num_edges, 1 if m == 0 else 2, out.shape[-1]) for m, out in enumerate(outs))
+        mixed = hidden.mul_(gate) if in_place else hidden * gate
+        for sign in range(mixed.shape[1]):
+            key = (term.order, sign)
+            if in_place:
+                rows = _output_rows(y, term, offsets, sign, second.shape[0])
+                if key in written:
+                    rows.addmm_(mixed[:, sign], second.t())
+                else:
+                    torch.mm(mixed[:, sign], second.t(), out=rows)
+                    written.add(key)
+            else:
+                product = torch.matmul(mixed[:, sign], second.t())
+                pieces[key] = pieces[key] + product if key in pieces else product
+    if in_place:
+        return y
+    ordered = [pieces[key].view(num_edges, pieces[key].shape[1] // channels, channels) for key in sorted(pieces)]
+    return torch.cat(ordered, dim=1)
 
 
 def _float32(x: torch.Tensor) -> torch.Tensor:
@@ -166,22 +204,24 @@ class _GroupedSO2(torch.autograd.Function):
     """:func:`_forward` whose backward recomputes the gates and the first-layer outputs."""
 
     @staticmethod
-    def forward(geometry, terms, num_orders, x_edge, gate_weight, gate_bias, *tensors):  # type: ignore[override]
+    def forward(geometry, terms, offsets, channels, x_edge, gate_weight, gate_bias, *tensors):  # type: ignore[override]
         half = len(tensors) // 2
-        return _forward(geometry, terms, num_orders, x_edge, gate_weight, gate_bias, tensors[:half], tensors[half:])
+        return _forward(
+            geometry, terms, offsets, x_edge, gate_weight, gate_bias, tensors[:half], tensors[half:], channels
+        )
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: Any) -> None:
-        geometry, terms, num_orders, *tensors = inputs
-        ctx.geometry, ctx.terms = geometry, terms
+        geometry, terms, offsets, channels, *tensors = inputs
+        ctx.geometry, ctx.terms, ctx.offsets = geometry, terms, offsets
         ctx.save_for_backward(*tensors)
 
     @staticmethod
-    def backward(ctx: Any, *grad_outs: torch.Tensor) -> tuple:
+    def backward(ctx: Any, grad_y: torch.Tensor) -> tuple:
         x_edge, gate_weight, gate_bias, *tensors = ctx.saved_tensors
         half = len(tensors) // 2
         projections, second_weights = tensors[:half], tensors[half:]
-        geometry, terms = ctx.geometry, ctx.terms
+        geometry, terms, offsets = ctx.geometry, ctx.terms, ctx.offsets
         pre = nn.functional.linear(x_edge, gate_weight, gate_bias)
         gates = nn.functional.silu(pre)
         grad_gates = torch.empty_like(gates)
@@ -190,35 +230,46 @@ class _GroupedSO2(torch.autograd.Function):
             groups, rows = geometry.groups[term.side], _term_rows(geometry, term)
             hidden = groups.edge_products(rows, projection)
             gate = gates[:, term.gate_start : term.gate_start + term.width].unsqueeze(1)
-            grad_out = grad_outs[term.order].reshape(-1, second.shape[0])
-            grad_seconds.append(grad_out.t() @ (hidden * gate).view(-1, term.width))
-            grad_mixed = (grad_out @ second).view(hidden.shape)
+            mixed = hidden * gate
+            grad_second = second.new_zeros(second.shape)
+            grad_mixed = torch.empty_like(hidden)
+            for sign in range(hidden.shape[1]):
+                grad_rows = _output_rows(grad_y, term, offsets, sign, second.shape[0])
+                grad_second.addmm_(grad_rows.t(), mixed[:, sign])
+                torch.mm(grad_rows, second, out=grad_mixed[:, sign])
+            grad_seconds.append(grad_second)
             grad_gates[:, term.gate_start : term.gate_start + term.width] = (grad_mixed * hidden).sum(1)
-            grad_projections.append(groups.sum_products(rows, grad_mixed * gate, projection.shape[0]))
+            grad_projections.append(groups.sum_products(rows, grad_mixed.mul_(gate), projection.shape[0]))
         grad_pre = torch.ops.aten.silu_backward(grad_gates, pre)
-        grad_x_edge = grad_pre @ gate_weight if ctx.needs_input_grad[3] else None
-        grad_gate_weight = grad_pre.t() @ x_edge if ctx.needs_input_grad[4] else None
-        grad_gate_bias = grad_pre.sum(0) if ctx.needs_input_grad[5] else None
-        return (None, None, None, grad_x_edge, grad_gate_weight, grad_gate_bias, *grad_projections, *grad_seconds)
+        grad_x_edge = grad_pre @ gate_weight if ctx.needs_input_grad[4] else None
+        grad_gate_weight = grad_pre.t() @ x_edge if ctx.needs_input_grad[5] else None
+        grad_gate_bias = grad_pre.sum(0) if ctx.needs_input_grad[6] else None
+        return (None, None, None, None, grad_x_edge, grad_gate_weight, grad_gate_bias, *grad_projections, *grad_seconds)
 
 
 def grouped_so2(
     geometry: MessageGeometry,
     terms: list[Term],
-    num_orders: int,
+    offsets: list[list[int]],
+    channels: int,
     x_edge: torch.Tensor,
     gate_weight: torch.Tensor,
     gate_bias: torch.Tensor,
     projections: list[torch.Tensor],
     second_weights: list[torch.Tensor],
-) -> tuple[torch.Tensor, ...]:
-    """Outputs of the SO(2) stage per order m: [E, rows_m, K_m] (m = 0: one row).
+) -> torch.Tensor:
+    """Output of the SO(2) stage, [E, reduced coefficients, C] in m-major order.
 
-    ``projections``: :func:`first_layer_projections`; ``second_weights[t]``: [K_m, H].
-    Eager full-precision training uses the recomputing autograd function; otherwise
-    (inference, mixed precision) the same expressions run under autograd as they are.
+    ``offsets``: :func:`order_row_offsets`; ``projections``: :func:`first_layer_projections`;
+    ``second_weights[t]``: [K_m, H]. Eager full-precision training uses the recomputing
+    autograd function; otherwise (inference, mixed precision) the same expressions run
+    under autograd as they are.
     """
     recompute = torch.is_grad_enabled() and not torch.is_autocast_enabled(x_edge.device.type)
     if recompute:
-        return _GroupedSO2.apply(geometry, terms, num_orders, x_edge, gate_weight, gate_bias, *projections, *second_weights)
-    return _forward(geometry, terms, num_orders, x_edge, gate_weight, gate_bias, tuple(projections), tuple(second_weights))
+        return _GroupedSO2.apply(
+            geometry, terms, offsets, channels, x_edge, gate_weight, gate_bias, *projections, *second_weights
+        )
+    return _forward(
+        geometry, terms, offsets, x_edge, gate_weight, gate_bias, tuple(projections), tuple(second_weights), channels
+    )
