@@ -89,3 +89,31 @@ def test_grouped_so2_backward_passes_gradcheck(sizes, monkeypatch):
         in_place = _forward(geometry, terms, offsets, x_edge, gate_weight, gate_bias, tuple(projections), tuple(seconds), channels)
     torch.testing.assert_close(grouped(*inputs), plain, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(in_place, plain, rtol=1e-12, atol=1e-12)
+
+
+def test_first_layer_skips_zero_orders_with_the_same_outputs_and_gradients():
+    """Layer 0 sees only l = 0 features: skipping its m > 0 convolutions changes nothing,
+    and their parameters still get their (exactly zero) gradients."""
+    from reference_fixtures import build_model, fixture_batch
+
+    def run(skip: bool):
+        batch = fixture_batch("l4m2_sigmoid")
+        batch.pos, batch.cell = batch.pos.double(), batch.cell.double()
+        model = build_model("l4m2_sigmoid").double()
+        block = model.layer_blocks[0].message_block
+        if not skip:
+            block.terms_degree_zero = block.terms
+        out = model(batch)
+        energy, forces = out["energy"], out["forces"]
+        (energy.sum() + (forces * torch.linspace(-1, 1, forces.numel(), dtype=forces.dtype).view_as(forces)).sum()).backward()
+        return energy, forces, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    e_skip, f_skip, g_skip = run(True)
+    e_full, f_full, g_full = run(False)
+    torch.testing.assert_close(e_skip, e_full, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(f_skip, f_full, rtol=1e-12, atol=1e-15)
+    assert g_skip.keys() == g_full.keys()
+    skipped = [n for n in g_skip if n.startswith("layer_blocks.0.message_block.") and ".so2_conv." in n]
+    assert skipped and all(g_skip[n] is not None and not g_skip[n].any() for n in skipped)
+    for name in g_skip:
+        torch.testing.assert_close(g_skip[name], g_full[name], rtol=1e-9, atol=1e-14, msg=name)

@@ -27,7 +27,9 @@ from escn_train.models.grouped_so2 import (
     grouped_so2,
     order_row_offsets,
     order_rows_index,
+    select_terms,
     so2_terms,
+    with_zero_gradients,
 )
 from escn_train.models.so3 import SO3_Grid, CoefficientMapping, WignerCalculator, coefficient_idx
 from escn_train.models.smearing import make_distance_expansion
@@ -444,7 +446,8 @@ class eSCN(nn.Module):  # noqa: N801 - the reference's public name
             geometry = self.layer_blocks[0].message_block.geometry(wigner, edge_index, num_atoms)
         for i, layer in enumerate(self.layer_blocks):
             update = layer(
-                x, atomic_numbers, edge_distance, edge_index, wigner, expanded_distance=expanded_distance, geometry=geometry
+                x, atomic_numbers, edge_distance, edge_index, wigner, expanded_distance=expanded_distance,
+                geometry=geometry, degree_zero_input=i == 0,
             )
             x = update if i == 0 else x + update
         return x
@@ -571,12 +574,13 @@ class LayerBlock(nn.Module):
         wigner: torch.Tensor,
         expanded_distance: torch.Tensor | None = None,
         geometry: MessageGeometry | None = None,
+        degree_zero_input: bool = False,
     ) -> torch.Tensor:
-        """``expanded_distance`` and ``geometry``: the distance expansion of ``edge_distance``
-        and :meth:`MessageBlock.geometry` when the caller already has them (they are the same
-        for every layer)."""
+        """``expanded_distance``, ``geometry`` and ``degree_zero_input``: see
+        :meth:`MessageBlock.forward`."""
         x_message = self.message_block(
-            x, atomic_numbers, edge_distance, edge_index, wigner, expanded_distance=expanded_distance, geometry=geometry
+            x, atomic_numbers, edge_distance, edge_index, wigner, expanded_distance=expanded_distance,
+            geometry=geometry, degree_zero_input=degree_zero_input,
         )
         grid = self.SO3_grid["lmax_lmax"]
         with _float32_region(x):
@@ -634,6 +638,7 @@ class MessageBlock(nn.Module):
             self.register_buffer(f"order_rows_index_{m}", index, persistent=False)
             self.order_rows_shape.append(shape)
         self.terms = so2_terms(hidden_channels, mmax)
+        self.terms_degree_zero = select_terms(self.terms, orders=(0,))
         self.row_offsets = order_row_offsets(lmax, mmax)
 
     def forward(
@@ -645,9 +650,13 @@ class MessageBlock(nn.Module):
         wigner: torch.Tensor,
         expanded_distance: torch.Tensor | None = None,
         geometry: MessageGeometry | None = None,
+        degree_zero_input: bool = False,
     ) -> torch.Tensor:
         """``geometry``: :meth:`geometry` of this graph when the caller already has it (it
-        is the same for every layer)."""
+        is the same for every layer). ``degree_zero_input``: the caller guarantees that only
+        the l = 0 coefficients of ``x`` are non-zero (the first layer's input, the atom
+        embedding): rotated, they have no m > 0 part, so the m > 0 convolutions give exact
+        zeros and are skipped (their parameters get exact zero gradients, as they would)."""
         source, target = edge_index[0], edge_index[1]
         x_edge = self.edge_block(
             edge_distance, atomic_numbers[source], atomic_numbers[target], expanded_distance=expanded_distance
@@ -657,13 +666,17 @@ class MessageBlock(nn.Module):
         if geometry is None:
             geometry = self.geometry(wigner, edge_index, x.shape[0])
         blocks = (self.so2_block_source, self.so2_block_target)
-        gate_weight, gate_bias = self._gate_parameters()
+        terms = self.terms_degree_zero if degree_zero_input else self.terms
+        gate_weight, gate_bias = self._gate_parameters(terms)
         projections = first_layer_projections(
-            x, [self._term_weights(blocks[t.side], t)[0] for t in self.terms], [t.order for t in self.terms]
+            x, [self._term_weights(blocks[t.side], t)[0] for t in terms], [t.order for t in terms]
         )
+        if degree_zero_input and torch.is_grad_enabled():
+            skipped = [p for block in blocks for conv in block.so2_conv for p in conv.parameters() if p.requires_grad]
+            projections[0] = with_zero_gradients(projections[0], skipped)
         y = grouped_so2(
-            geometry, self.terms, self.row_offsets, self.sphere_channels, x_edge, gate_weight, gate_bias, projections,
-            [self._term_weights(blocks[t.side], t)[1] for t in self.terms],
+            geometry, terms, self.row_offsets, self.sphere_channels, x_edge, gate_weight, gate_bias, projections,
+            [self._term_weights(blocks[t.side], t)[1] for t in terms],
         )
         with _float32_region(y):
             target = geometry.groups[1]
@@ -681,13 +694,18 @@ class MessageBlock(nn.Module):
             self.rotation_rows,
         )
 
-    def _gate_parameters(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every edge gate of both blocks as one linear map (the terms' gate order)."""
+    def _gate_parameters(self, terms: list[Term] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The edge gates of ``terms`` (default: all, both blocks) as one linear map, rows in
+        the terms' gate order."""
         weights, biases = [], []
         for block in (self.so2_block_source, self.so2_block_target):
             weights += [block.fc1_dist0.weight] + [conv.fc1_dist.weight for conv in block.so2_conv]
             biases += [block.fc1_dist0.bias] + [conv.fc1_dist.bias for conv in block.so2_conv]
-        return torch.cat(weights), torch.cat(biases)
+        weight, bias = torch.cat(weights), torch.cat(biases)
+        if terms is None or terms is self.terms:
+            return weight, bias
+        rows = torch.cat([torch.arange(t.source_gate_start, t.source_gate_start + t.width) for t in terms])
+        return weight[rows.to(weight.device)], bias[rows.to(bias.device)]
 
     def _term_weights(self, block: "SO2Block", term: Term) -> tuple[torch.Tensor, torch.Tensor]:
         """(first-layer weight as [H, degrees l >= m, C], second-layer weight [K_m, H]) of a term."""

@@ -23,7 +23,7 @@ the grouped products), instead of storing several [E, hidden] tensors per term.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -40,8 +40,9 @@ class Term:
     side: int  # 0 = source block (edges grouped by source), 1 = target block
     order: int
     rows_key: str  # "plain" or "swapped" (imaginary part of m > 0)
-    gate_start: int
+    gate_start: int  # first gate column in the stage's gate matrix
     width: int
+    source_gate_start: int  # first row in the concatenation of every gate weight of both blocks
 
 
 @dataclass
@@ -102,13 +103,47 @@ def so2_terms(hidden_channels: int, mmax: int) -> list[Term]:
     then each SO2Conv's fc1_dist (real half, imaginary half)."""
     terms, start = [], 0
     for side in range(2):
-        terms.append(Term(side, 0, "plain", start, hidden_channels))
+        terms.append(Term(side, 0, "plain", start, hidden_channels, start))
         start += hidden_channels
         for m in range(1, mmax + 1):
-            terms.append(Term(side, m, "plain", start, hidden_channels))
-            terms.append(Term(side, m, "swapped", start + hidden_channels, hidden_channels))
+            terms.append(Term(side, m, "plain", start, hidden_channels, start))
+            terms.append(Term(side, m, "swapped", start + hidden_channels, hidden_channels, start + hidden_channels))
             start += 2 * hidden_channels
     return terms
+
+
+def select_terms(terms: list[Term], orders: tuple[int, ...]) -> list[Term]:
+    """The terms of some orders, their gate columns renumbered for a gate matrix holding
+    only their rows (in this order)."""
+    selected, start = [], 0
+    for term in terms:
+        if term.order in orders:
+            selected.append(replace(term, gate_start=start))
+            start += term.width
+    return selected
+
+
+class _ZeroGradients(torch.autograd.Function):
+    """Identity on ``x`` that gives ``params`` an exact zero gradient."""
+
+    @staticmethod
+    def forward(x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return x.view_as(x)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+        ctx.params = [(p.shape, p.dtype, p.device) for p in inputs[1:]]
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        return (grad, *(torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in ctx.params))
+
+
+def with_zero_gradients(x: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
+    """``x``, with ``params`` in its autograd graph receiving exact zeros: parameters whose
+    contribution is skipped because it is exactly zero still get their (zero) gradient, as
+    DDP and the optimizers expect."""
+    return _ZeroGradients.apply(x, *params) if params else x
 
 
 def first_layer_projections(x: torch.Tensor, first_weights: list[torch.Tensor], orders: list[int]) -> list[torch.Tensor]:
@@ -135,12 +170,12 @@ def _term_rows(geometry: MessageGeometry, term: Term) -> torch.Tensor:
 
 def order_row_offsets(lmax: int, mmax: int) -> list[list[int]]:
     """First output row of each order's row signs in the m-major reduced layout:
-    m = 0 -> [0]; m > 0 -> [first +m row, first -m row]."""
+    m = 0 -> [0]; m > 0 -> [first +m row, first -m row]; then [number of rows]."""
     offsets, start = [[0]], lmax + 1
     for m in range(1, mmax + 1):
         offsets.append([start, start + lmax - m + 1])
         start += 2 * (lmax - m + 1)
-    return offsets
+    return offsets + [[start]]
 
 
 def _output_rows(y: torch.Tensor, term: Term, offsets: list[list[int]], sign: int, width: int) -> torch.Tensor:
@@ -160,7 +195,7 @@ def _forward(
     in_place = not torch.is_grad_enabled() and not torch.is_autocast_enabled(x_edge.device.type)
     pre = nn.functional.linear(x_edge, gate_weight, gate_bias)
     gates = nn.functional.silu(pre, inplace=in_place)
-    num_rows = offsets[-1][-1] + (second_weights[-1].shape[0] // channels)
+    num_rows = offsets[-1][0]
     if in_place:
         y = x_edge.new_empty(num_edges, num_rows, channels)
         written: set[tuple[int, int]] = set()
@@ -184,6 +219,15 @@ def _forward(
             else:
                 product = torch.matmul(mixed[:, sign], second.t())
                 pieces[key] = pieces[key] + product if key in pieces else product
+    # Orders without terms (skipped because their input is zero) give zero rows.
+    done = written if in_place else pieces
+    missing = [(m, sign) for m in range(len(offsets) - 1) for sign in range(len(offsets[m])) if (m, sign) not in done]
+    for m, sign in missing:
+        rows = (offsets[m + 1][0] - offsets[m][0]) // len(offsets[m])
+        if in_place:
+            y[:, offsets[m][sign] : offsets[m][sign] + rows] = 0
+        else:
+            pieces[(m, sign)] = x_edge.new_zeros(num_edges, rows * channels)
     if in_place:
         return y
     ordered = [pieces[key].view(num_edges, pieces[key].shape[1] // channels, channels) for key in sorted(pieces)]
