@@ -193,8 +193,6 @@ def _forward(
     product writes into its rows of one output buffer; otherwise plain expressions."""
     num_edges = x_edge.shape[0]
     in_place = not torch.is_grad_enabled() and not torch.is_autocast_enabled(x_edge.device.type)
-    pre = nn.functional.linear(x_edge, gate_weight, gate_bias)
-    gates = nn.functional.silu(pre, inplace=in_place)
     num_rows = offsets[-1][0]
     if in_place:
         y = x_edge.new_empty(num_edges, num_rows, channels)
@@ -205,7 +203,7 @@ def _forward(
         # Rotations stay in float32 under autocast (as everywhere in the model).
         with _autocast_off(x_edge):
             hidden = geometry.groups[term.side].edge_products(_term_rows(geometry, term), _float32(projection))
-        gate = gates[:, term.gate_start : term.gate_start + term.width].unsqueeze(1)
+        gate = _term_gate(term, x_edge, gate_weight, gate_bias, in_place).unsqueeze(1)
         mixed = hidden.mul_(gate) if in_place else hidden * gate
         for sign in range(mixed.shape[1]):
             key = (term.order, sign)
@@ -232,6 +230,16 @@ def _forward(
         return y
     ordered = [pieces[key].view(num_edges, pieces[key].shape[1] // channels, channels) for key in sorted(pieces)]
     return torch.cat(ordered, dim=1)
+
+
+def _term_gate_pre(term: Term, x_edge: torch.Tensor, gate_weight: torch.Tensor, gate_bias: torch.Tensor) -> torch.Tensor:
+    """The pre-activation of a term's gates, [E, H] (term by term: no [E, all gates] buffer)."""
+    columns = slice(term.gate_start, term.gate_start + term.width)
+    return nn.functional.linear(x_edge, gate_weight[columns], gate_bias[columns])
+
+
+def _term_gate(term: Term, x_edge: torch.Tensor, gate_weight: torch.Tensor, gate_bias: torch.Tensor, in_place: bool) -> torch.Tensor:
+    return nn.functional.silu(_term_gate_pre(term, x_edge, gate_weight, gate_bias), inplace=in_place)
 
 
 def _float32(x: torch.Tensor) -> torch.Tensor:
@@ -266,14 +274,15 @@ class _GroupedSO2(torch.autograd.Function):
         half = len(tensors) // 2
         projections, second_weights = tensors[:half], tensors[half:]
         geometry, terms, offsets = ctx.geometry, ctx.terms, ctx.offsets
-        pre = nn.functional.linear(x_edge, gate_weight, gate_bias)
-        gates = nn.functional.silu(pre)
-        grad_gates = torch.empty_like(gates)
+        grad_x_edge = torch.zeros_like(x_edge) if ctx.needs_input_grad[4] else None
+        grad_gate_weight = torch.empty_like(gate_weight)
+        grad_gate_bias = torch.empty_like(gate_bias)
         grad_projections, grad_seconds = [], []
         for term, projection, second in zip(terms, projections, second_weights):
             groups, rows = geometry.groups[term.side], _term_rows(geometry, term)
             hidden = groups.edge_products(rows, projection)
-            gate = gates[:, term.gate_start : term.gate_start + term.width].unsqueeze(1)
+            pre = _term_gate_pre(term, x_edge, gate_weight, gate_bias)
+            gate = nn.functional.silu(pre).unsqueeze(1)
             mixed = hidden * gate
             grad_second = second.new_zeros(second.shape)
             grad_mixed = torch.empty_like(hidden)
@@ -282,12 +291,17 @@ class _GroupedSO2(torch.autograd.Function):
                 grad_second.addmm_(grad_rows.t(), mixed[:, sign])
                 torch.mm(grad_rows, second, out=grad_mixed[:, sign])
             grad_seconds.append(grad_second)
-            grad_gates[:, term.gate_start : term.gate_start + term.width] = (grad_mixed * hidden).sum(1)
+            grad_pre = torch.ops.aten.silu_backward((grad_mixed * hidden).sum(1), pre)
+            columns = slice(term.gate_start, term.gate_start + term.width)
+            if grad_x_edge is not None:
+                grad_x_edge.addmm_(grad_pre, gate_weight[columns])
+            torch.mm(grad_pre.t(), x_edge, out=grad_gate_weight[columns])
+            torch.sum(grad_pre, 0, out=grad_gate_bias[columns])
             grad_projections.append(groups.sum_products(rows, grad_mixed.mul_(gate), projection.shape[0]))
-        grad_pre = torch.ops.aten.silu_backward(grad_gates, pre)
-        grad_x_edge = grad_pre @ gate_weight if ctx.needs_input_grad[4] else None
-        grad_gate_weight = grad_pre.t() @ x_edge if ctx.needs_input_grad[5] else None
-        grad_gate_bias = grad_pre.sum(0) if ctx.needs_input_grad[6] else None
+        if not ctx.needs_input_grad[5]:
+            grad_gate_weight = None
+        if not ctx.needs_input_grad[6]:
+            grad_gate_bias = None
         return (None, None, None, None, grad_x_edge, grad_gate_weight, grad_gate_bias, *grad_projections, *grad_seconds)
 
 
