@@ -294,35 +294,43 @@ class EarlySignals:
 class GracefulShutdown(L.Callback):
     """SIGTERM / SIGUSR1: finish the step, write a checkpoint, stop (see module docstring).
 
-    SIGTERM is read from Lightning's own handler (``trainer.received_sigterm``); SIGUSR1 gets a
-    flag-setting handler here. Under SLURM (``slurm=True``) SIGUSR1 writes
+    Single process: SIGTERM is read from Lightning's own handler (``trainer.received_sigterm``),
+    which also stops validation early. Under DDP, SIGTERM gets a flag-setting handler here
+    instead: Lightning's handler issues a broadcast from inside the signal handler, at
+    whatever point each rank is, which can pair with another collective on the other rank and
+    hang the job. SIGUSR1 always gets a flag-setting handler here. The stop is agreed at the
+    end of a training batch or of a validation run (all ranks reach both). Under SLURM (``slurm=True``) SIGUSR1 writes
     ``<run dir>/hpc_ckpt_N.ckpt`` and requeues the job with ``scontrol requeue`` (global rank 0)
     before stopping. ``early``: signals remembered before training started, honoured after
     the first training batch.
     """
 
     def __init__(self, early: EarlySignals | None = None, slurm: bool = False) -> None:
-        self.requested: str | None = None
+        self.received: set[str] = set()
         self.saved_path: str | None = None
         self.requeue_note: str | None = None
         self.early = early
         self.slurm = slurm
         self._early_signal: str | None = None
-        self._previous_usr1: Any = None
+        self._previous: dict[int, Any] = {}
 
-    def _on_usr1(self, signum: int, frame: Any) -> None:
-        self.requested = self.requested or "SIGUSR1"
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.received.add(signal.Signals(signum).name)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if hasattr(signal, "SIGUSR1"):
+        names = ["SIGUSR1"] + (["SIGTERM"] if trainer.world_size > 1 else [])
+        for name in names:
+            sig = getattr(signal, name, None)
+            if sig is None:
+                continue
             try:
-                self._previous_usr1 = signal.signal(signal.SIGUSR1, self._on_usr1)
+                self._previous[sig] = signal.signal(sig, self._on_signal)
             except ValueError:  # not the main thread
-                self._previous_usr1 = None
+                pass
         if self.early is not None:
             self._early_signal = self.early.take()
             if self._early_signal is not None:
-                self.requested = self.requested or self._early_signal
+                self.received.add(self._early_signal)
                 if trainer.is_global_zero:
                     print(f"{self._early_signal} received during setup (before training started); stopping after "
                           "the first training batch", flush=True)
@@ -331,19 +339,19 @@ class GracefulShutdown(L.Callback):
         self._restore()
 
     def _restore(self) -> None:
-        if self._previous_usr1 is not None:
+        for sig, previous in self._previous.items():
             try:
-                signal.signal(signal.SIGUSR1, self._previous_usr1)
+                signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
             except ValueError:
                 pass
-            self._previous_usr1 = None
+        self._previous = {}
 
     def _stop_requested(self, trainer: L.Trainer) -> str | None:
         """The signal to stop for, agreed by all ranks (saving has collectives, so all must stop).
 
         SIGUSR1 (requeue) wins over SIGTERM when ranks saw different signals.
         """
-        code = 2 if self.requested == "SIGUSR1" else 1 if trainer.received_sigterm or self.requested else 0
+        code = 2 if "SIGUSR1" in self.received else 1 if trainer.received_sigterm or "SIGTERM" in self.received else 0
         if trainer.world_size > 1:
             flag = torch.tensor([float(code)], device=trainer.strategy.root_device)
             code = int(trainer.strategy.reduce(flag, reduce_op="max").item())
@@ -361,13 +369,21 @@ class GracefulShutdown(L.Callback):
                 self.requeue_note = slurm_requeue()
                 print(self.requeue_note, flush=True)
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def _maybe_stop(self, trainer: L.Trainer) -> None:
         name = self._stop_requested(trainer)
         if name is None:
             return
         self._save(trainer, name)
         self._restore()
         raise GracefulStop(name, self.saved_path)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._maybe_stop(trainer)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # A signal during validation (under DDP, or SIGUSR1): stop here, not after the next batch.
+        if trainer.state.fn == "fit":
+            self._maybe_stop(trainer)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         # SIGTERM seen by Lightning outside a training batch (validation, epoch end): save there.
