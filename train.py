@@ -32,6 +32,15 @@ def main(cfg: DictConfig) -> float | None:
         results = run_training(config, HydraConfig.get().runtime.output_dir)
     except ConfigError as err:
         raise SystemExit(f"invalid configuration: {err}") from None
+    except Exception as err:  # bad input data: the message names file, key and problem; no traceback
+        from escn_train.data.checks import data_error_message
+
+        message = data_error_message(err)
+        if message is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        if ", key b'" in message:
+            message += "\n(data.skip_bad_samples=true skips such entries and counts them instead)"
+        raise SystemExit(f"data error: {message}") from None
     value = results.get(f"best/{config.get('optimized_metric')}", results.get(str(config.get("optimized_metric"))))
     return float(value) if value is not None else None
 

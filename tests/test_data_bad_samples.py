@@ -160,7 +160,8 @@ def test_train_fails_naming_the_bad_entry_or_skips_and_counts_it(tmp_path):
     failed = subprocess.run([*args, f"hydra.run.dir={tmp_path / 'strict'}"], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=300)
     assert failed.returncode == 1
-    assert f"{data}, key b'5': cannot unpickle entry" in failed.stderr
+    assert f"data error: {data}, key b'5': cannot unpickle entry" in failed.stderr
+    assert "Traceback" not in failed.stderr and "skip_bad_samples=true skips such entries" in failed.stderr
     skipped = subprocess.run([*args, "data.skip_bad_samples=true", f"hydra.run.dir={tmp_path / 'skip'}"], cwd=REPO,
                              env=env, capture_output=True, text=True, timeout=300)
     assert skipped.returncode == 0, skipped.stderr[-4000:]
@@ -184,3 +185,48 @@ def test_each_entry_is_checked_once_per_process(tmp_path):
     dataset.get_many([2, 1])
     dataset[0]
     assert len(calls) == 3
+
+
+# ----------------------------------------------------------------------------- broken files
+def test_truncated_empty_and_foreign_files_fail_at_open_naming_the_file(tmp_path):
+    import lmdb as lmdb_module
+
+    entries = {str(i).encode(): pickle.dumps(good(i)) for i in range(40)}
+    whole = write_lmdb(tmp_path / "whole.lmdb", entries, length=40)
+    truncated = tmp_path / "cut.lmdb"
+    data = whole.read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])  # an interrupted copy
+    # Without the check, reading an entry past the end of the file kills the process (SIGBUS).
+    with pytest.raises(lmdb_module.CorruptedError, match=rf"{truncated}: the file is truncated: {len(data) // 2} bytes, "
+                       rf"but its LMDB index uses {len(data)} bytes"):
+        LmdbDataset(truncated)
+    (tmp_path / "zero.lmdb").write_bytes(b"")
+    with pytest.raises(lmdb_module.Error, match=r"zero\.lmdb: the file is empty \(0 bytes\), not an LMDB database"):
+        LmdbDataset(tmp_path / "zero.lmdb")
+    (tmp_path / "text.lmdb").write_text("not a database\n" * 1000)
+    with pytest.raises(lmdb_module.Error, match=r"text\.lmdb.*(MDB_INVALID|not an LMDB).*expected an OC20-style LMDB file"):
+        LmdbDataset(tmp_path / "text.lmdb")
+    dm = LmdbDataModule(train=str(truncated), progress=False)
+    with pytest.raises(lmdb_module.CorruptedError, match=r"^train split: .*cut\.lmdb: the file is truncated"):
+        dm.dataset("train")
+
+
+def test_data_error_message_recognises_data_errors_also_from_loader_workers(tmp_path):
+    import torch
+
+    from escn_train.data.checks import data_error_message
+
+    dataset = dataset_of(tmp_path, with_(atomic_numbers=np.array([1, 6, 120, 8])), neighbor_cutoff=6.0)
+    with pytest.raises(BadSampleError) as direct:
+        dataset[1]
+    assert data_error_message(direct.value) == str(direct.value) and "key b'1'" in str(direct.value)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=3, num_workers=1, collate_fn=collate_structures)
+    with pytest.raises(BadSampleError) as in_worker:
+        next(iter(loader))
+    assert "DataLoader worker" in str(in_worker.value)  # torch wraps it with the worker's traceback
+    assert data_error_message(in_worker.value) == str(direct.value)
+    try:
+        {}["not data"]
+    except KeyError as err:  # raised outside escn_train/data: not a data error, keeps its traceback
+        assert data_error_message(err) is None
+    assert data_error_message(RuntimeError("x")) is None

@@ -15,6 +15,8 @@ the training module counts and logs them. A batch whose structures were all bad 
 
 from __future__ import annotations
 
+import os
+import pickle
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +27,37 @@ from escn_train.graph import radius_graph_pbc
 
 class BadSampleError(ValueError):
     """A structure that cannot be trained on; the message names file, key and problem."""
+
+
+_DATA_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_DATA_ERROR_TYPES = (BadSampleError, KeyError, ValueError, TypeError, IndexError, OSError, pickle.UnpicklingError)
+
+
+def data_error_message(err: BaseException) -> str | None:
+    """The plain message of an error about the input data, or None for any other error.
+
+    Data errors are those raised by this package (``escn_train/data``: paths, file format,
+    entries, checks), whose messages name the file, key and what was expected; also when a
+    DataLoader worker raised them (the message is taken from its original traceback). Used
+    by ``train.py`` to print them without a traceback.
+    """
+    import lmdb
+
+    if not isinstance(err, (*_DATA_ERROR_TYPES, lmdb.Error)):
+        return None
+    text = str(err.args[0]) if len(err.args) == 1 and isinstance(err.args[0], str) else str(err)
+    if "in DataLoader worker process" in text and "Original Traceback" in text:
+        if _DATA_PACKAGE not in text:
+            return None
+        last = [line for line in text.strip().splitlines() if line.strip()][-1]
+        name, _, message = last.partition(": ")
+        return message.strip() or last
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None or not os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(_DATA_PACKAGE):
+        return None
+    return text
 
 
 @dataclass

@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from typing import Any, Union
 
 import lightning as L
+import lmdb
 import torch
 from torch.utils.data import DataLoader
 
@@ -133,16 +134,19 @@ class LmdbDataModule(L.LightningDataModule):
             if not isinstance(spec, Mapping):
                 spec = {"src": spec}
             mapping = spec.get("key_mapping", self.key_mapping)
-            self.datasets[split] = LmdbDataset(
-                spec["src"],
-                key_mapping=mapping,
-                subset=spec.get("subset"),
-                subset_seed=spec.get("subset_seed"),
-                transform=self.graph_selection,
-                check_edges=self.graph_selection.use_precomputed_edges,
-                checker=self._checker(split),
-                skip_bad=self.skip_bad_samples,
-            )
+            try:
+                self.datasets[split] = LmdbDataset(
+                    spec["src"],
+                    key_mapping=mapping,
+                    subset=spec.get("subset"),
+                    subset_seed=spec.get("subset_seed"),
+                    transform=self.graph_selection,
+                    check_edges=self.graph_selection.use_precomputed_edges,
+                    checker=self._checker(split),
+                    skip_bad=self.skip_bad_samples,
+                )
+            except (FileNotFoundError, ValueError, lmdb.Error) as err:  # name the split whose files are wrong
+                raise type(err)(f"{split} split: {err}") from None
         return self.datasets[split]
 
     def _checker(self, split: str) -> SampleChecker | None:

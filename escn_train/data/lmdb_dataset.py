@@ -74,13 +74,33 @@ os.register_at_fork(after_in_child=_forget_inherited_envs)
 
 
 def open_lmdb(path: Path) -> lmdb.Environment:
-    """This process's read-only environment for one shard (no lock, no readahead), opened on first use."""
+    """This process's read-only environment for one shard (no lock, no readahead), opened on first use.
+
+    A file shorter than its LMDB index says (an interrupted copy or download) is refused here:
+    reading its missing pages through the memory map would kill the process with SIGBUS.
+    """
     key = path.resolve()
     env = _ENVS.get(key)
     if env is None:
-        env = _ENVS[key] = lmdb.open(
-            str(path), subdir=False, readonly=True, lock=False, readahead=False, meminit=False, max_readers=1024
-        )
+        expected = "expected an OC20-style LMDB file, e.g. written by escn-convert"
+        size = path.stat().st_size
+        if size == 0:
+            raise lmdb.InvalidError(f"{path}: the file is empty (0 bytes), not an LMDB database ({expected})")
+        try:
+            env = lmdb.open(
+                str(path), subdir=False, readonly=True, lock=False, readahead=False, meminit=False, max_readers=1024
+            )
+        except lmdb.Error as err:
+            message = str(err) if str(path) in str(err) else f"{path}: {err}"
+            raise type(err)(f"{message} ({expected})") from None
+        needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+        if size < needed:
+            env.close()
+            raise lmdb.CorruptedError(
+                f"{path}: the file is truncated: {size} bytes, but its LMDB index uses {needed} bytes "
+                "(an interrupted copy or download? copy the file again)"
+            )
+        _ENVS[key] = env
     return env
 
 
