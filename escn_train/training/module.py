@@ -389,7 +389,9 @@ class PotentialModule(L.LightningModule):
                 return
         super().lr_scheduler_step(scheduler, metric)
 
-    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
+    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor] | None:
+        if getattr(batch, "num_graphs", 1) == 0:  # every structure of the batch skipped (skip_bad_samples)
+            return None
         return self(batch)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:

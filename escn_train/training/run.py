@@ -242,7 +242,10 @@ def _stopped_before_training(early: EarlySignals, ckpt_path: str | None, run_dir
     if name == "SIGUSR1" and cluster_plugins() and rank_zero:
         results["requeue"] = slurm_requeue()
         lines.append(results["requeue"])
-    if ckpt_path:
+    if results.get("requeue", "").startswith("requeued"):
+        lines.append("The requeued job runs the same command again" + (f" (resume=auto continues from {ckpt_path})."
+                                                                          if ckpt_path else "."))
+    elif ckpt_path:
         lines.append(f"Run the same command again to continue from {ckpt_path}.")
     else:
         lines.append(f"Run the same command again to start over (with resume=auto and hydra.run.dir={run_dir} "
