@@ -299,10 +299,10 @@ class GracefulShutdown(L.Callback):
     instead: Lightning's handler issues a broadcast from inside the signal handler, at
     whatever point each rank is, which can pair with another collective on the other rank and
     hang the job. SIGUSR1 always gets a flag-setting handler here. The stop is agreed at the
-    end of a training batch or of a validation run (all ranks reach both). Under SLURM (``slurm=True``) SIGUSR1 writes
-    ``<run dir>/hpc_ckpt_N.ckpt`` and requeues the job with ``scontrol requeue`` (global rank 0)
-    before stopping. ``early``: signals remembered before training started, honoured after
-    the first training batch.
+    end of a training batch or of a validation run (all ranks reach both). Under SLURM
+    (``slurm=True``) SIGUSR1 writes ``<run dir>/hpc_ckpt_N.ckpt`` and requeues the job with
+    ``scontrol requeue`` (global rank 0) before stopping. ``early``: signals remembered before
+    training started, honoured after the first training batch.
     """
 
     def __init__(self, early: EarlySignals | None = None, slurm: bool = False) -> None:
