@@ -196,7 +196,9 @@ def test_gaussian_smearing_sets_only_subnormal_values_to_zero():
     from escn_train.models.smearing import GaussianSmearing
 
     smearing = GaussianSmearing(0.0, 6.0, 300, 1.0)
-    dist = torch.rand(2000, generator=torch.Generator().manual_seed(0)) * 6
+    # Beyond both ends of the centres too (the band of evaluated centres is clipped there).
+    dist = torch.rand(2000, generator=torch.Generator().manual_seed(0)) * 6.6 - 0.3
+    dist[:4] = torch.tensor([0.0, 6.0, -2.0, 9.0])
     shifted = dist.view(-1, 1) - smearing.offset.view(1, -1)
     plain = torch.exp(smearing.coeff * shifted * shifted)
     fast = smearing(dist)
@@ -206,3 +208,6 @@ def test_gaussian_smearing_sets_only_subnormal_values_to_zero():
     assert plain[~normal].max() < 2e-38
     with_grad = dist.clone().requires_grad_()
     torch.testing.assert_close(smearing(with_grad), plain, rtol=0, atol=2e-38)
+    wide = GaussianSmearing(0.0, 6.0, 20, 1.0)  # every centre within reach: the dense path
+    shifted = dist.view(-1, 1) - wide.offset.view(1, -1)
+    torch.testing.assert_close(wide(dist), torch.exp(wide.coeff * shifted * shifted), rtol=3e-7, atol=2e-38)

@@ -134,7 +134,9 @@ class _GridSiLU(torch.autograd.Function):
         for start in range(0, y.shape[0], step):
             grid = torch.matmul(to_grid, y[start : start + step])
             grad_out = grad[start : start + step] if groups is None else grad.index_select(0, groups.slot[start : start + step])
-            grad_grid = torch.ops.aten.silu_backward(torch.matmul(from_grid.t(), grad_out), grid)
+            # SiLU' is exactly 1 above 80 and below 1e-32 under -80; clamping keeps its
+            # exp() off the slow path that saturated grid values would take on CPUs.
+            grad_grid = torch.ops.aten.silu_backward(torch.matmul(from_grid.t(), grad_out), grid.clamp_(-80.0, 80.0))
             torch.matmul(to_grid.t(), grad_grid, out=grad_y[start : start + step])
         return grad_y, None, None, None
 
