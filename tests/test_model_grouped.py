@@ -117,3 +117,41 @@ def test_first_layer_skips_zero_orders_with_the_same_outputs_and_gradients():
     assert skipped and all(g_skip[n] is not None and not g_skip[n].any() for n in skipped)
     for name in g_skip:
         torch.testing.assert_close(g_skip[name], g_full[name], rtol=1e-9, atol=1e-14, msg=name)
+
+
+@pytest.mark.parametrize("lmax,mmax", [(1, 0), (3, 3), (6, 2)])
+def test_grouped_path_equals_the_per_edge_path_on_other_sizes(lmax, mmax, monkeypatch):
+    """Configurations without fixtures (mmax = 0, mmax = lmax, lmax 6): the grouped eager
+    path against the per-edge path that export/compile trace, in float64, with gradients."""
+    from escn_train.graph import radius_graph_pbc
+    from escn_train.models import escn
+
+    gen = torch.Generator().manual_seed(lmax * 10 + mmax)
+    natoms = torch.tensor([5, 3])
+    pos = torch.rand(8, 3, generator=gen, dtype=torch.float64) * 4
+    cell = torch.eye(3, dtype=torch.float64).repeat(2, 1, 1) * 4.0
+    graph = radius_graph_pbc(pos, cell, natoms, 3.5, 12)
+    args = (pos, torch.repeat_interleave(torch.arange(2), natoms), natoms, torch.randint(1, 10, (8,), generator=gen),
+            graph.edge_index, graph.edge_distance, graph.edge_distance_vec)
+    torch.manual_seed(0)
+    model = escn.eSCN(max_neighbors=12, cutoff=3.5, max_num_elements=10, num_layers=2, lmax=lmax, mmax=mmax,
+                      sphere_channels=4, hidden_channels=6, edge_channels=5, num_sphere_samples=16,
+                      distance_resolution=0.25, export=True).double()
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data.normal_(0, 0.3, generator=gen)
+
+    def run():
+        model.zero_grad()
+        energy, forces = model(*args)
+        (energy.sum() + forces.square().sum()).backward()
+        return energy, forces, [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    grouped = run()
+    monkeypatch.setattr(escn, "_tracing", lambda: True)
+    per_edge = run()
+    assert grouped[1].abs().max() > 1e-6  # not a trivially zero output
+    torch.testing.assert_close(grouped[0], per_edge[0], rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(grouped[1], per_edge[1], rtol=1e-10, atol=1e-14)
+    for a, b in zip(grouped[2], per_edge[2]):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-12)
