@@ -108,9 +108,13 @@ class _GridSiLU(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(y: torch.Tensor, to_grid: torch.Tensor, from_grid: torch.Tensor, groups: EdgeGroups | None) -> torch.Tensor:
+    def forward(
+        y: torch.Tensor, to_grid: torch.Tensor, from_grid: torch.Tensor, groups: EdgeGroups | None,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         shape = (y.shape[0], from_grid.shape[0], y.shape[2])
-        out = y.new_empty(shape) if groups is None else groups.empty_padded(y.new_empty(0, *shape[1:]))
+        if out is None:
+            out = y.new_empty(shape) if groups is None else groups.empty_padded(y.new_empty(0, *shape[1:]))
         step = _edge_block_size(to_grid, y)
         for start in range(0, y.shape[0], step):
             grid = nn.functional.silu(torch.matmul(to_grid, y[start : start + step]), inplace=True)
@@ -122,7 +126,7 @@ class _GridSiLU(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
-        y, to_grid, from_grid, groups = inputs
+        y, to_grid, from_grid, groups, _ = inputs
         ctx.groups = groups
         ctx.save_for_backward(y, to_grid, from_grid)
 
@@ -139,20 +143,27 @@ class _GridSiLU(torch.autograd.Function):
             # exp() off the slow path that saturated grid values would take on CPUs.
             grad_grid = torch.ops.aten.silu_backward(torch.matmul(from_grid.t(), grad_out), grid.clamp_(-80.0, 80.0))
             torch.matmul(to_grid.t(), grad_grid, out=grad_y[start : start + step])
-        return grad_y, None, None, None
+        return grad_y, None, None, None, None
 
 
 def grid_silu(
-    y: torch.Tensor, to_grid: torch.Tensor, from_grid: torch.Tensor, groups: EdgeGroups | None = None
+    y: torch.Tensor, to_grid: torch.Tensor, from_grid: torch.Tensor, groups: EdgeGroups | None = None,
+    geometry: MessageGeometry | None = None,
 ) -> torch.Tensor:
     """Pointwise SiLU on the S2 grid: from_grid @ SiLU(to_grid @ y) for y [E, coeffs, C];
-    with ``groups``, in their padded layout [slots, coeffs, C] (see :class:`_GridSiLU`)."""
+    with ``groups``, in their padded layout [slots, coeffs, C] (see :class:`_GridSiLU`).
+    Without autograd, ``geometry`` lends the padded output buffer its layers share."""
     if _tracing():
         out = torch.matmul(from_grid, nn.functional.silu(torch.matmul(to_grid, y)))
         return out if groups is None else groups.pad(out)
     if torch.is_grad_enabled() and y.requires_grad:
-        return _GridSiLU.apply(y, to_grid, from_grid, groups)
-    return _GridSiLU.forward(y, to_grid, from_grid, groups)
+        return _GridSiLU.apply(y, to_grid, from_grid, groups, None)
+    out = None
+    if geometry is not None and groups is not None:
+        out, fresh = geometry.scratch("grid_out", (groups.num_slots, from_grid.shape[0], y.shape[2]), y)
+        if fresh:
+            out.index_fill_(0, groups.empty_slots, 0)
+    return _GridSiLU.forward(y, to_grid, from_grid, groups, out)
 
 
 def _gated_mix(hidden: tuple[torch.Tensor, ...], gates: tuple[torch.Tensor, ...], rotating: bool) -> torch.Tensor:
@@ -683,7 +694,7 @@ class MessageBlock(nn.Module):
         )
         with _float32_region(y):
             target = geometry.groups[1]
-            y = grid_silu(_float32(y), self.grid_to, self.grid_from, target)
+            y = grid_silu(_float32(y), self.grid_to, self.grid_from, target, geometry)
             return target.sum_padded(geometry.back_rows, y, x.shape[0])
 
     def geometry(self, wigner: torch.Tensor, edge_index: torch.Tensor, num_atoms: int) -> MessageGeometry:

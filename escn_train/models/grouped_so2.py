@@ -23,7 +23,7 @@ the grouped products), instead of storing several [E, hidden] tensors per term.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -51,11 +51,24 @@ class MessageGeometry:
     grouped by source and by target atom, each order's Wigner rows padded to those groups
     (``rows[side][key][m]``: rows of order m, or ±m, restricted to degrees l >= m), and the
     reduced rotation padded to the target groups (``back_rows``: rotation back and sum
-    over each target atom's edges)."""
+    over each target atom's edges). Without autograd, the layers also share their large
+    edge-sized buffers through :meth:`scratch` (fresh ones of tens of MB cost a page fault
+    per 4 KB on first touch)."""
 
     groups: tuple[EdgeGroups, EdgeGroups]
     rows: tuple[dict[str, list[torch.Tensor]], dict[str, list[torch.Tensor]]]
     back_rows: torch.Tensor
+    workspace: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def scratch(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """A buffer named ``name`` reused by every layer of this pass (inference only), and
+        whether it was just allocated."""
+        buffer = self.workspace.get(name)
+        fresh = buffer is None or buffer.shape != shape or buffer.dtype != like.dtype or buffer.device != like.device
+        if fresh:
+            buffer = like.new_empty(shape)
+            self.workspace[name] = buffer
+        return buffer, fresh
 
 
 def order_rows_index(lmax: int, mmax: int) -> list[tuple[torch.Tensor, tuple[int, int]]]:
@@ -187,15 +200,17 @@ def _output_rows(y: torch.Tensor, term: Term, offsets: list[list[int]], sign: in
 def _forward(
     geometry: MessageGeometry, terms: list[Term], offsets: list[list[int]], x_edge: torch.Tensor,
     gate_weight: torch.Tensor, gate_bias: torch.Tensor, projections: tuple[torch.Tensor, ...],
-    second_weights: tuple[torch.Tensor, ...], channels: int,
+    second_weights: tuple[torch.Tensor, ...], channels: int, reuse_buffer: bool = False,
 ) -> torch.Tensor:
     """The stage's output [E, R, C] (m-major rows). Without autograd and autocast every
-    product writes into its rows of one output buffer; otherwise plain expressions."""
+    product writes into its rows of one output buffer (with ``reuse_buffer``, the
+    geometry's scratch buffer shared by the layers); otherwise plain expressions."""
     num_edges = x_edge.shape[0]
     in_place = not torch.is_grad_enabled() and not torch.is_autocast_enabled(x_edge.device.type)
     num_rows = offsets[-1][0]
     if in_place:
-        y = x_edge.new_empty(num_edges, num_rows, channels)
+        shape = (num_edges, num_rows, channels)
+        y = geometry.scratch("so2_out", shape, x_edge)[0] if reuse_buffer else x_edge.new_empty(shape)
         written: set[tuple[int, int]] = set()
     else:
         pieces: dict[tuple[int, int], torch.Tensor] = {}
@@ -328,6 +343,8 @@ def grouped_so2(
         return _GroupedSO2.apply(
             geometry, terms, offsets, channels, x_edge, gate_weight, gate_bias, *projections, *second_weights
         )
+    reuse = not torch.is_grad_enabled()  # the output is consumed before the next layer
     return _forward(
-        geometry, terms, offsets, x_edge, gate_weight, gate_bias, tuple(projections), tuple(second_weights), channels
+        geometry, terms, offsets, x_edge, gate_weight, gate_bias, tuple(projections), tuple(second_weights), channels,
+        reuse_buffer=reuse,
     )
