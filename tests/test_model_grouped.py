@@ -183,3 +183,15 @@ def test_bf16_autocast_training_step_follows_float32():
     assert (energy16 - energy32).abs().max() <= 1e-3 * energy32.abs().max()
     errors = sorted(((grads16[n] - g).norm() / g.norm()).item() for n, g in grads32.items() if g.norm() > 0)
     assert errors[len(errors) // 2] < 0.05  # bf16 products: ~1% typical (same as the per-edge code)
+
+
+def test_wigner_matrices_ignore_autocast():
+    from escn_train.models.escn import edge_frames
+    from escn_train.models.so3 import WignerCalculator
+
+    vectors = torch.randn(50, 3, generator=torch.Generator().manual_seed(4))
+    wigner = WignerCalculator(4)
+    plain = wigner(edge_frames(vectors))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = wigner(edge_frames(vectors))
+    assert mixed.dtype == torch.float32 and torch.equal(mixed, plain)

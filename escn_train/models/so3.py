@@ -180,7 +180,12 @@ class WignerCalculator(nn.Module):
         self.register_buffer("mirror", mirror, persistent=False)
 
     def forward(self, edge_rot_mat: torch.Tensor) -> torch.Tensor:
-        """[E, 3, 3] rotations -> [E, (lmax+1)^2, (lmax+1)^2] block-diagonal Wigner (no grad)."""
+        """[E, 3, 3] rotations -> [E, (lmax+1)^2, (lmax+1)^2] block-diagonal Wigner (no grad),
+        always in the input's precision (autocast off: a bf16 product here would put bf16
+        rounding into every rotation)."""
+        if torch.is_autocast_enabled(edge_rot_mat.device.type):
+            with torch.autocast(edge_rot_mat.device.type, enabled=False):
+                return self.forward(edge_rot_mat)
         edge_rot_mat = edge_rot_mat.detach()
         alpha, beta = o3.xyz_to_angles(edge_rot_mat[:, :, 1])
         frame = o3.angles_to_matrix(alpha, beta, torch.zeros_like(alpha)).transpose(-1, -2) @ edge_rot_mat
@@ -199,9 +204,9 @@ class WignerCalculator(nn.Module):
         cos_b, sin_b = phases(beta)
         cos_a, sin_a = phases(alpha)
         # J Z(γ): column j mixes J[:, j] and J[:, mirror(j)].
-        out = j_full * cos_g.unsqueeze(1) + j_mirrored * sin_g[:, mirror].unsqueeze(1)
-        # Z(β) (...): row k mixes rows k and mirror(k).
-        out = cos_b.unsqueeze(-1) * out + sin_b.unsqueeze(-1) * out[:, mirror, :]
+        out = (j_full * cos_g.unsqueeze(1)).addcmul_(j_mirrored, sin_g[:, mirror].unsqueeze(1))
+        # Z(β) (...): row k mixes rows k and mirror(k). In place: a few passes over [E, S, S].
+        out = out.index_select(1, mirror).mul_(sin_b.unsqueeze(-1)).addcmul_(out, cos_b.unsqueeze(-1))
         out = torch.matmul(j_full, out)
-        out = cos_a.unsqueeze(-1) * out + sin_a.unsqueeze(-1) * out[:, mirror, :]
+        out = out.index_select(1, mirror).mul_(sin_a.unsqueeze(-1)).addcmul_(out, cos_a.unsqueeze(-1))
         return out.detach()
