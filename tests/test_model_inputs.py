@@ -99,19 +99,6 @@ def test_structures_without_edges_get_zero_messages():
     assert torch.isfinite(out["energy"]).all() and torch.isfinite(out["forces"]).all()
 
 
-def test_sum_into_targets_gradient_matches_index_add():
-    from escn_train.models.escn import sum_into_targets
-
-    gen = torch.Generator().manual_seed(0)
-    values = torch.randn(12, 3, 2, dtype=torch.float64, generator=gen, requires_grad=True)
-    index = torch.randint(0, 5, (12,), generator=gen)
-    assert torch.autograd.gradcheck(lambda v: sum_into_targets(v, index, 5), (values,))
-    weights = torch.randn(5, 3, 2, dtype=torch.float64, generator=gen)
-    (sum_into_targets(values, index, 5) * weights).sum().backward()
-    expected = torch.autograd.grad((values.new_zeros(5, 3, 2).index_add(0, index, values) * weights).sum(), values)[0]
-    torch.testing.assert_close(values.grad, expected)
-
-
 def test_grid_silu_gradient_matches_autograd():
     from escn_train.models.escn import grid_silu
 

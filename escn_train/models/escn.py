@@ -22,12 +22,14 @@ from escn_train.models.edge_groups import EdgeGroups
 from escn_train.models.grouped_so2 import (
     MessageGeometry,
     Term,
+    TermParameters,
     build_geometry,
     first_layer_projections,
     grouped_so2,
     order_row_offsets,
     order_rows_index,
     select_terms,
+    so2_stage,
     so2_terms,
     with_zero_gradients,
 )
@@ -55,34 +57,6 @@ def _float32_region(x: torch.Tensor) -> contextlib.AbstractContextManager:
 
 def _float32(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
-
-class _SumIntoTargets(torch.autograd.Function):
-    """out[i] = Σ_{e: index[e] = i} values[e]. Autograd's own index_add keeps ``values``
-    alive for its backward; this keeps only the index (the gradient is a gather)."""
-
-    @staticmethod
-    def forward(values: torch.Tensor, index: torch.Tensor, num_targets: int) -> torch.Tensor:
-        out = values.new_zeros((num_targets, *values.shape[1:]))
-        return out.index_add_(0, index, values)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
-        _, index, _ = inputs
-        ctx.save_for_backward(index)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        (index,) = ctx.saved_tensors
-        return grad.index_select(0, index), None, None
-
-
-def sum_into_targets(values: torch.Tensor, index: torch.Tensor, num_targets: int) -> torch.Tensor:
-    """Scatter-sum edge values into their target atoms, [E, ...] -> [num_targets, ...]."""
-    if torch.is_grad_enabled() and values.requires_grad and not _tracing():
-        return _SumIntoTargets.apply(values, index, num_targets)
-    out = values.new_zeros((num_targets, *values.shape[1:]))
-    return out.index_add(0, index, values)
 
 
 #: Grid values per block of the S2-grid stage: 512 KB, so each block's grid stays in a
@@ -164,27 +138,6 @@ def grid_silu(
         if fresh:
             out.index_fill_(0, groups.empty_slots, 0)
     return _GridSiLU.forward(y, to_grid, from_grid, groups, out)
-
-
-def _gated_mix(hidden: tuple[torch.Tensor, ...], gates: tuple[torch.Tensor, ...], rotating: bool) -> torch.Tensor:
-    """The gated hidden units of several SO(2) blocks, concatenated for one second layer.
-
-    ``rotating=False`` (m = 0): hidden [E, H] times gate [E, H]. ``rotating=True`` (m > 0):
-    hidden [E, 2, 2H] = (real | imaginary) first layers of the (+m, -m) rows, gate [E, 2H]
-    = (real | imaginary) gates; the imaginary part enters the output rows as
-    (-i[-m], +i[+m]), so that one product with [fc2_r | fc2_i] gives
-    (r[+m] - i[-m], r[-m] + i[+m]).
-    """
-    if not rotating:
-        return torch.cat([h * g for h, g in zip(hidden, gates)], dim=-1)
-    mixed = []
-    for h, g in zip(hidden, gates):
-        width = g.shape[-1] // 2
-        h_r, h_i = h.split(width, dim=-1)
-        g_r, g_i = g.view(-1, 2, width).unbind(1)
-        i_plus, i_minus = (h_i * g_i.unsqueeze(1)).unbind(1)
-        mixed += [h_r * g_r.unsqueeze(1), torch.stack([-i_minus, i_plus], dim=1)]
-    return torch.cat(mixed, dim=-1)
 
 
 def calc_sphere_points(num_points: int) -> torch.Tensor:
@@ -679,18 +632,16 @@ class MessageBlock(nn.Module):
             return self._forward_per_edge(x, x_edge, edge_index, wigner)
         if geometry is None:
             geometry = self.geometry(wigner, edge_index, x.shape[0])
-        blocks = (self.so2_block_source, self.so2_block_target)
         terms = self.terms_degree_zero if degree_zero_input else self.terms
-        gate_weight, gate_bias = self._gate_parameters(terms)
-        projections = first_layer_projections(
-            x, [self._term_weights(blocks[t.side], t)[0] for t in terms], [t.order for t in terms]
-        )
+        params = [self._term_parameters(t) for t in terms]
+        projections = first_layer_projections(x, [p.first for p in params], [t.order for t in terms])
         if degree_zero_input and torch.is_grad_enabled():
+            blocks = (self.so2_block_source, self.so2_block_target)
             skipped = [p for block in blocks for conv in block.so2_conv for p in conv.parameters() if p.requires_grad]
             projections[0] = with_zero_gradients(projections[0], skipped)
         y = grouped_so2(
-            geometry, terms, self.row_offsets, self.sphere_channels, x_edge, gate_weight, gate_bias, projections,
-            [self._term_weights(blocks[t.side], t)[1] for t in terms],
+            geometry, terms, self.row_offsets, self.sphere_channels, x_edge, torch.cat([p.gate_weight for p in params]),
+            torch.cat([p.gate_bias for p in params]), projections, [p.second for p in params],
         )
         with _float32_region(y):
             target = geometry.groups[1]
@@ -708,85 +659,53 @@ class MessageBlock(nn.Module):
             self.rotation_rows,
         )
 
-    def _gate_parameters(self, terms: list[Term] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The edge gates of ``terms`` (default: all, both blocks) as one linear map, rows in
-        the terms' gate order."""
-        weights, biases = [], []
-        for block in (self.so2_block_source, self.so2_block_target):
-            weights += [block.fc1_dist0.weight] + [conv.fc1_dist.weight for conv in block.so2_conv]
-            biases += [block.fc1_dist0.bias] + [conv.fc1_dist.bias for conv in block.so2_conv]
-        weight, bias = torch.cat(weights), torch.cat(biases)
-        if terms is None or terms is self.terms:
-            return weight, bias
-        rows = torch.cat([torch.arange(t.source_gate_start, t.source_gate_start + t.width) for t in terms])
-        return weight[rows.to(weight.device)], bias[rows.to(bias.device)]
-
-    def _term_weights(self, block: "SO2Block", term: Term) -> tuple[torch.Tensor, torch.Tensor]:
-        """(first-layer weight as [H, degrees l >= m, C], second-layer weight [K_m, H]) of a term."""
+    def _term_parameters(self, term: Term) -> TermParameters:
+        """A term's weights; its gate rows are the real or imaginary half of an SO2Conv's fc1_dist."""
+        block = (self.so2_block_source, self.so2_block_target)[term.side]
         if term.order == 0:
-            first, second = block.fc1_m0.weight, block.fc2_m0.weight
+            first, second, gate, rows = block.fc1_m0, block.fc2_m0, block.fc1_dist0, slice(None)
         else:
             conv = block.so2_conv[term.order - 1]
-            first, second = (conv.fc1_r.weight, conv.fc2_r.weight) if term.rows_key == "plain" else (
-                conv.fc1_i.weight, conv.fc2_i.weight
-            )
-        return first.view(first.shape[0], self.lmax - term.order + 1, self.sphere_channels), second
-
-    def _first_weights(self, block: "SO2Block") -> list[torch.Tensor]:
-        """First-layer weights per order m as [width_m, degrees l >= m, C] (real and imaginary
-        parts stacked for m > 0)."""
-        weights = [block.fc1_m0.weight] + [torch.cat([c.fc1_r.weight, c.fc1_i.weight]) for c in block.so2_conv]
-        return [w.view(w.shape[0], self.lmax - m + 1, self.sphere_channels) for m, w in enumerate(weights)]
-
-    def _second_layers(self, hidden: list[list[torch.Tensor]], x_edge: torch.Tensor) -> torch.Tensor:
-        """Gate the first layers' outputs by the edge and apply the second layers of both
-        blocks (summing source and target) -> [E, reduced, C] in m-major order; each stage
-        is one product over the concatenated matrices of both SO2Blocks."""
-        num_edges = x_edge.shape[0]
-        hidden_channels = self.hidden_channels
-        blocks = (self.so2_block_source, self.so2_block_target)
-        gate_weight, gate_bias = self._gate_parameters()
-        gates = self.act(nn.functional.linear(x_edge, gate_weight, gate_bias))
-        gates = gates.split(([hidden_channels] + [2 * hidden_channels] * self.mmax) * 2, dim=1)
-        source_gates, target_gates = gates[: 1 + self.mmax], gates[1 + self.mmax :]
-        parts = []
-        for m in range(self.mmax + 1):
-            if m == 0:
-                second = torch.cat([b.fc2_m0.weight for b in blocks], dim=1)
-            else:
-                second = torch.cat(
-                    [w for b in blocks for w in (b.so2_conv[m - 1].fc2_r.weight, b.so2_conv[m - 1].fc2_i.weight)], dim=1
-                )
-            mixed = _gated_mix((hidden[0][m], hidden[1][m]), (source_gates[m], target_gates[m]), m > 0)
-            out_m = torch.matmul(mixed, second.t())
-            parts.append(out_m.view(num_edges, self.m_size[m] * (1 if m == 0 else 2), self.sphere_channels))
-        return torch.cat(parts, dim=1)
+            imaginary = term.rows_key == "swapped"
+            first, second = (conv.fc1_i, conv.fc2_i) if imaginary else (conv.fc1_r, conv.fc2_r)
+            gate, rows = conv.fc1_dist, slice(term.width, 2 * term.width) if imaginary else slice(0, term.width)
+        return TermParameters(
+            first.weight.view(first.weight.shape[0], self.lmax - term.order + 1, self.sphere_channels),
+            second.weight,
+            gate.weight[rows],
+            gate.bias[rows],
+        )
 
     def _forward_per_edge(
         self, x: torch.Tensor, x_edge: torch.Tensor, edge_index: torch.Tensor, wigner: torch.Tensor
     ) -> torch.Tensor:
         """The same computation edge by edge (rotate each edge's features, then the first
-        layers as GEMMs over edges): static shapes, used when tracing for export/compile."""
+        layers as GEMMs over edges, every term computed): static shapes, used when tracing
+        for export/compile."""
         source, target = edge_index[0], edge_index[1]
         rotation = wigner.index_select(1, self.rotation_rows)
         row_sizes = [self.m_size[0]] + [2 * size for size in self.m_size[1:]]
-        hidden = []
-        for block, index in zip((self.so2_block_source, self.so2_block_target), (source, target)):
-            with _float32_region(x):
-                rotated = torch.bmm(rotation, _float32(x).index_select(0, index))
-            pieces = rotated.split(row_sizes, dim=1)
-            per_m = []
-            for m, (piece, weight) in enumerate(zip(pieces, self._first_weights(block))):
-                flat = weight.flatten(1)
-                rows = piece.reshape(piece.shape[0], 1 if m == 0 else 2, flat.shape[1])
-                out = torch.matmul(rows, flat.t())
-                per_m.append(out.squeeze(1) if m == 0 else out)
-            hidden.append(per_m)
-        y = self._second_layers(hidden, x_edge)
+        with _float32_region(x):
+            rotated = [
+                torch.bmm(rotation, _float32(x).index_select(0, index)).split(row_sizes, dim=1) for index in (source, target)
+            ]
+        params = [self._term_parameters(t) for t in self.terms]
+
+        def hidden(t: int) -> torch.Tensor:
+            term, first = self.terms[t], params[t].first.flatten(1)
+            rows = rotated[term.side][term.order].reshape(x_edge.shape[0], 1 if term.order == 0 else 2, first.shape[1])
+            if term.rows_key == "swapped":  # imaginary part: rows (+m, -m) <- (-[-m], +[+m])
+                rows = torch.stack([-rows[:, 1], rows[:, 0]], dim=1)
+            return torch.matmul(rows, first.t())
+
+        y = so2_stage(
+            self.terms, self.row_offsets, self.sphere_channels, x_edge, torch.cat([p.gate_weight for p in params]),
+            torch.cat([p.gate_bias for p in params]), hidden, [p.second for p in params], in_place=False,
+        )
         with _float32_region(y):
             y = grid_silu(_float32(y), self.grid_to, self.grid_from)
             y = torch.bmm(rotation.transpose(1, 2), y)
-        return sum_into_targets(y, target, x.shape[0])
+        return y.new_zeros(x.shape[0], *y.shape[1:]).index_add(0, target, y)
 
 
 class SO2Block(nn.Module):

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field, replace
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -42,7 +43,16 @@ class Term:
     rows_key: str  # "plain" or "swapped" (imaginary part of m > 0)
     gate_start: int  # first gate column in the stage's gate matrix
     width: int
-    source_gate_start: int  # first row in the concatenation of every gate weight of both blocks
+
+
+class TermParameters(NamedTuple):
+    """A term's weights: first layer [H, degrees l >= m, C], second layer [K_m, H], and its
+    rows of the edge-gate map ([H, edge channels], [H])."""
+
+    first: torch.Tensor
+    second: torch.Tensor
+    gate_weight: torch.Tensor
+    gate_bias: torch.Tensor
 
 
 @dataclass
@@ -116,11 +126,11 @@ def so2_terms(hidden_channels: int, mmax: int) -> list[Term]:
     then each SO2Conv's fc1_dist (real half, imaginary half)."""
     terms, start = [], 0
     for side in range(2):
-        terms.append(Term(side, 0, "plain", start, hidden_channels, start))
+        terms.append(Term(side, 0, "plain", start, hidden_channels))
         start += hidden_channels
         for m in range(1, mmax + 1):
-            terms.append(Term(side, m, "plain", start, hidden_channels, start))
-            terms.append(Term(side, m, "swapped", start + hidden_channels, hidden_channels, start + hidden_channels))
+            terms.append(Term(side, m, "plain", start, hidden_channels))
+            terms.append(Term(side, m, "swapped", start + hidden_channels, hidden_channels))
             start += 2 * hidden_channels
     return terms
 
@@ -197,29 +207,27 @@ def _output_rows(y: torch.Tensor, term: Term, offsets: list[list[int]], sign: in
     return y[:, start : start + width // y.shape[2]].flatten(1)
 
 
-def _forward(
-    geometry: MessageGeometry, terms: list[Term], offsets: list[list[int]], x_edge: torch.Tensor,
-    gate_weight: torch.Tensor, gate_bias: torch.Tensor, projections: tuple[torch.Tensor, ...],
-    second_weights: tuple[torch.Tensor, ...], channels: int, reuse_buffer: bool = False,
+def so2_stage(
+    terms: list[Term], offsets: list[list[int]], channels: int, x_edge: torch.Tensor, gate_weight: torch.Tensor,
+    gate_bias: torch.Tensor, hidden: Callable[[int], torch.Tensor], second_weights: Sequence[torch.Tensor],
+    in_place: bool, out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The stage's output [E, R, C] (m-major rows). Without autograd and autocast every
-    product writes into its rows of one output buffer (with ``reuse_buffer``, the
-    geometry's scratch buffer shared by the layers); otherwise plain expressions."""
+    """Gate each term's first-layer output ``hidden(t)`` ([E, rows, H]) by the edge, apply its
+    second layer and sum per order -> [E, R, C] (m-major rows). Shared by the grouped path
+    and the per-edge one that export/compile trace.
+
+    ``in_place`` (no autograd, no autocast): every product writes into its rows of one
+    output buffer (``out`` when given); otherwise plain expressions.
+    """
     num_edges = x_edge.shape[0]
-    in_place = not torch.is_grad_enabled() and not torch.is_autocast_enabled(x_edge.device.type)
-    num_rows = offsets[-1][0]
     if in_place:
-        shape = (num_edges, num_rows, channels)
-        y = geometry.scratch("so2_out", shape, x_edge)[0] if reuse_buffer else x_edge.new_empty(shape)
+        y = out if out is not None else x_edge.new_empty(num_edges, offsets[-1][0], channels)
         written: set[tuple[int, int]] = set()
     else:
         pieces: dict[tuple[int, int], torch.Tensor] = {}
-    for term, projection, second in zip(terms, projections, second_weights):
-        # Rotations stay in float32 under autocast (as everywhere in the model).
-        with _autocast_off(x_edge):
-            hidden = geometry.groups[term.side].edge_products(_term_rows(geometry, term), _float32(projection))
+    for t, (term, second) in enumerate(zip(terms, second_weights)):
         gate = _term_gate(term, x_edge, gate_weight, gate_bias, in_place).unsqueeze(1)
-        mixed = hidden.mul_(gate) if in_place else hidden * gate
+        mixed = hidden(t).mul_(gate) if in_place else hidden(t) * gate
         for sign in range(mixed.shape[1]):
             key = (term.order, sign)
             if in_place:
@@ -245,6 +253,28 @@ def _forward(
         return y
     ordered = [pieces[key].view(num_edges, pieces[key].shape[1] // channels, channels) for key in sorted(pieces)]
     return torch.cat(ordered, dim=1)
+
+
+def _forward(
+    geometry: MessageGeometry, terms: list[Term], offsets: list[list[int]], x_edge: torch.Tensor,
+    gate_weight: torch.Tensor, gate_bias: torch.Tensor, projections: Sequence[torch.Tensor],
+    second_weights: Sequence[torch.Tensor], channels: int, reuse_buffer: bool = False,
+) -> torch.Tensor:
+    """:func:`so2_stage` with the first-layer outputs as grouped products of the per-atom
+    projections (with ``reuse_buffer``, into the geometry's scratch buffer shared by the
+    layers)."""
+    in_place = not torch.is_grad_enabled() and not torch.is_autocast_enabled(x_edge.device.type)
+
+    def hidden(t: int) -> torch.Tensor:
+        term = terms[t]
+        # Rotations stay in float32 under autocast (as everywhere in the model).
+        with _autocast_off(x_edge):
+            return geometry.groups[term.side].edge_products(_term_rows(geometry, term), _float32(projections[t]))
+
+    out = None
+    if in_place and reuse_buffer:
+        out = geometry.scratch("so2_out", (x_edge.shape[0], offsets[-1][0], channels), x_edge)[0]
+    return so2_stage(terms, offsets, channels, x_edge, gate_weight, gate_bias, hidden, second_weights, in_place, out)
 
 
 def _term_gate_pre(term: Term, x_edge: torch.Tensor, gate_weight: torch.Tensor, gate_bias: torch.Tensor) -> torch.Tensor:
