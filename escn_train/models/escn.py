@@ -26,6 +26,7 @@ from escn_train.models.grouped_so2 import (
     build_geometry,
     first_layer_projections,
     grouped_so2,
+    imaginary_rows,
     order_row_offsets,
     order_rows_index,
     select_terms,
@@ -694,8 +695,8 @@ class MessageBlock(nn.Module):
         def hidden(t: int) -> torch.Tensor:
             term, first = self.terms[t], params[t].first.flatten(1)
             rows = rotated[term.side][term.order].reshape(x_edge.shape[0], 1 if term.order == 0 else 2, first.shape[1])
-            if term.rows_key == "swapped":  # imaginary part: rows (+m, -m) <- (-[-m], +[+m])
-                rows = torch.stack([-rows[:, 1], rows[:, 0]], dim=1)
+            if term.rows_key == "swapped":
+                rows = imaginary_rows(rows)
             return torch.matmul(rows, first.t())
 
         y = so2_stage(

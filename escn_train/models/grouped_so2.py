@@ -108,8 +108,7 @@ def build_geometry(
     groups = (EdgeGroups.build(edge_index[0], num_atoms), EdgeGroups.build(edge_index[1], num_atoms))
     flat = wigner.flatten(1)
     per_order = [flat.index_select(1, index).view(-1, *shape) for index, shape in zip(rows_index, rows_shape)]
-    # Imaginary parts: rows (+m, -m) <- (-rows[-m], +rows[+m]).
-    swapped = [None] + [torch.stack([-r[:, 1], r[:, 0]], dim=1) for r in per_order[1:]]
+    swapped = [None] + [imaginary_rows(r) for r in per_order[1:]]
     rows = tuple(
         {
             "plain": [g.pad(r) for r in per_order],
@@ -119,6 +118,12 @@ def build_geometry(
     )
     back_rows = groups[1].pad(wigner.index_select(1, rotation_rows))
     return MessageGeometry(groups, rows, back_rows)
+
+
+def imaginary_rows(rows: torch.Tensor) -> torch.Tensor:
+    """[E, 2, ...] rows (+m, -m) -> (-rows[-m], +rows[+m]): how an imaginary part enters the
+    output rows of its order."""
+    return torch.stack([-rows[:, 1], rows[:, 0]], dim=1)
 
 
 def so2_terms(hidden_channels: int, mmax: int) -> list[Term]:
