@@ -317,17 +317,18 @@ class PotentialModule(L.LightningModule):
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
         return out["loss"]
 
-    def validation_step(self, batch: Any, batch_idx: int) -> dict[str, Any] | None:
-        if self._has_data(batch, "val"):
-            return self._step(batch, "val")
-        self._log_metric_states("val", 1)
+    def _evaluation_step(self, batch: Any, split: str) -> dict[str, Any] | None:
+        """A validation/test step; a batch without data still logs the metric states (DDP sync)."""
+        if self._has_data(batch, split):
+            return self._step(batch, split)
+        self._log_metric_states(split, 1)
         return None
 
+    def validation_step(self, batch: Any, batch_idx: int) -> dict[str, Any] | None:
+        return self._evaluation_step(batch, "val")
+
     def test_step(self, batch: Any, batch_idx: int) -> dict[str, Any] | None:
-        if self._has_data(batch, "test"):
-            return self._step(batch, "test")
-        self._log_metric_states("test", 1)
-        return None
+        return self._evaluation_step(batch, "test")
 
     def on_train_start(self) -> None:
         self._micro_batches = [0, 0]
