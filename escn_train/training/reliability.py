@@ -242,6 +242,30 @@ def last_checkpoint_path(trainer: L.Trainer) -> str:
     return os.path.join(trainer.default_root_dir, "checkpoints", LAST_NAME)
 
 
+def install_handlers(names: tuple[str, ...] | list[str], handler: Any) -> dict[int, Any]:
+    """Point the signals ``names`` (those this platform has) at ``handler``; returns the
+    handlers they had. Outside the main thread nothing changes (Python allows no handler there)."""
+    previous: dict[int, Any] = {}
+    if threading.current_thread() is not threading.main_thread():
+        return previous
+    for name in names:
+        sig = getattr(signal, name, None)
+        if sig is not None:
+            previous[sig] = signal.signal(sig, handler)
+    return previous
+
+
+def restore_handlers(previous: dict[int, Any], only_replacing: Any = None) -> None:
+    """Put back the handlers :func:`install_handlers` returned (with ``only_replacing``: only
+    where that handler is still the one in place)."""
+    for sig, handler in previous.items():
+        try:
+            if only_replacing is None or signal.getsignal(sig) == only_replacing:
+                signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        except ValueError:  # not the main thread
+            pass
+
+
 class EarlySignals:
     """Remember SIGTERM / SIGUSR1 that arrive before the training loop starts.
 
@@ -265,24 +289,14 @@ class EarlySignals:
             self.received = signal.Signals(signum).name
 
     def install(self) -> "EarlySignals":
-        if threading.current_thread() is not threading.main_thread():
-            return self
-        for name in STOP_SIGNALS:
-            sig = getattr(signal, name, None)
-            if sig is not None:
-                self._previous[sig] = signal.signal(sig, self._handler)
-        self.active = True
+        self._previous = install_handlers(STOP_SIGNALS, self._handler)
+        self.active = bool(self._previous)
         return self
 
     def uninstall(self) -> None:
         """Put back the handlers found at :meth:`install` (where this one is still in place)."""
         self.active = False
-        for sig, previous in self._previous.items():
-            try:
-                if signal.getsignal(sig) == self._handler:
-                    signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
-            except ValueError:  # not the main thread
-                pass
+        restore_handlers(self._previous, only_replacing=self._handler)
         self._previous = {}
 
     def take(self) -> str | None:
@@ -318,15 +332,7 @@ class GracefulShutdown(L.Callback):
         self.received.add(signal.Signals(signum).name)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        names = ["SIGUSR1"] + (["SIGTERM"] if trainer.world_size > 1 else [])
-        for name in names:
-            sig = getattr(signal, name, None)
-            if sig is None:
-                continue
-            try:
-                self._previous[sig] = signal.signal(sig, self._on_signal)
-            except ValueError:  # not the main thread
-                pass
+        self._previous = install_handlers(["SIGUSR1"] + (["SIGTERM"] if trainer.world_size > 1 else []), self._on_signal)
         if self.early is not None:
             self._early_signal = self.early.take()
             if self._early_signal is not None:
@@ -339,11 +345,7 @@ class GracefulShutdown(L.Callback):
         self._restore()
 
     def _restore(self) -> None:
-        for sig, previous in self._previous.items():
-            try:
-                signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
-            except ValueError:
-                pass
+        restore_handlers(self._previous)
         self._previous = {}
 
     def _stop_requested(self, trainer: L.Trainer) -> str | None:
