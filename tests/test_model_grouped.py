@@ -39,11 +39,14 @@ def test_edge_groups_products_equal_per_edge_products(sizes, monkeypatch):
     rows = torch.randn(atom.numel(), 2, 5, dtype=torch.float64, generator=gen)
     per_atom = torch.randn(num_atoms, 5, 4, dtype=torch.float64, generator=gen)
     padded = groups.pad(rows)
-    torch.testing.assert_close(groups.edge_products(padded, per_atom), torch.bmm(rows, per_atom[atom]))
+    products = groups.padded_products(padded, per_atom)
+    torch.testing.assert_close(products[groups.slot], torch.bmm(rows, per_atom[atom]))
+    assert not products[groups.empty_slots].any()
+    assert torch.equal(groups.slot_edges()[groups.slot], torch.arange(atom.numel()))
 
     values = torch.randn(atom.numel(), 2, 3, dtype=torch.float64, generator=gen)
     expected = torch.zeros(num_atoms, 5, 3, dtype=torch.float64).index_add(0, atom, rows.transpose(1, 2) @ values)
-    torch.testing.assert_close(groups.sum_products(padded, values, num_atoms), expected)
+    torch.testing.assert_close(groups.sum_padded(padded, groups.pad(values), num_atoms), expected)
 
 
 def test_edge_groups_choose_the_size_with_least_padding():
@@ -73,7 +76,9 @@ def test_grouped_so2_backward_passes_gradcheck(sizes, monkeypatch):
     def leaf(*shape):
         return torch.randn(*shape, dtype=torch.float64, generator=gen, requires_grad=True)
 
-    x_edge, gate_weight, gate_bias = leaf(edges.shape[1], edge_channels), leaf(2 * 3 * hidden, edge_channels), leaf(2 * 3 * hidden)
+    # Edge features in the target-slot layout (empty slots too: their rows are zero).
+    x_edge = leaf(geometry.num_slots, edge_channels)
+    gate_weight, gate_bias = leaf(2 * 3 * hidden, edge_channels), leaf(2 * 3 * hidden)
     projections = [leaf(atoms, size - t.order**2, hidden) for t in terms]
     seconds = [leaf((lmax - t.order + 1) * channels, hidden) for t in terms]
     inputs = (x_edge, gate_weight, gate_bias, *projections, *seconds)

@@ -80,25 +80,32 @@ class EdgeGroups:
         """[atoms, ...] -> [groups, ...]: each group's copy of its atom's values."""
         return per_atom if self.one_per_atom else per_atom.index_select(0, self.group_atom)
 
-    def edge_products(self, padded_rows: torch.Tensor, per_atom: torch.Tensor) -> torch.Tensor:
-        """out[e] = rows_e @ values[atom(e)] for every edge.
+    def slot_edges(self) -> torch.Tensor:
+        """The edge in each slot, [slots] (edge 0 in empty slots)."""
+        edges = torch.arange(self.slot.shape[0], device=self.slot.device)
+        return self.slot.new_zeros(self.num_slots).index_copy_(0, self.slot, edges)
+
+    def padded_products(
+        self, padded_rows: torch.Tensor, per_atom: torch.Tensor, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """out[slot of e] = rows_e @ values[atom(e)], zero in empty slots.
 
         ``padded_rows`` [groups, size * r, K] (from :meth:`pad`), ``per_atom`` [atoms, K, W]
-        -> [E, r, W].
+        -> [slots, r, W] (into ``out`` when given).
         """
-        out = torch.bmm(padded_rows, self.per_group(per_atom))
         rows = padded_rows.shape[1] // self.size
-        return out.view(self.num_groups * self.size, rows, out.shape[-1]).index_select(0, self.slot)
-
-    def sum_products(self, padded_rows: torch.Tensor, values: torch.Tensor, num_atoms: int) -> torch.Tensor:
-        """out[a] = Σ_{e of a} rows_eᵀ @ values[e].
-
-        ``padded_rows`` [groups, size * r, K], ``values`` [E, r, W] -> [atoms, K, W].
-        """
-        return self.sum_padded(padded_rows, self.pad(values), num_atoms)
+        values = self.per_group(per_atom)
+        if out is None:
+            return torch.bmm(padded_rows, values).view(self.num_slots, rows, values.shape[-1])
+        torch.bmm(padded_rows, values, out=out.view(self.num_groups, padded_rows.shape[1], values.shape[-1]))
+        return out
 
     def sum_padded(self, padded_rows: torch.Tensor, padded_values: torch.Tensor, num_atoms: int) -> torch.Tensor:
-        """:meth:`sum_products` of values already padded, [slots, r, W] or [groups, size * r, W]."""
+        """out[a] = Σ_{e of a} rows_eᵀ @ values[slot of e].
+
+        ``padded_rows`` [groups, size * r, K], ``padded_values`` [slots, r, W] or
+        [groups, size * r, W] -> [atoms, K, W].
+        """
         padded_values = padded_values.reshape(self.num_groups, padded_rows.shape[1], -1)
         summed = torch.bmm(padded_rows.transpose(1, 2), padded_values)
         if self.one_per_atom:

@@ -18,7 +18,6 @@ from e3nn import o3
 from torch import nn
 
 from escn_train.graph import edge_vectors, radius_graph_pbc
-from escn_train.models.edge_groups import EdgeGroups
 from escn_train.models.grouped_so2 import (
     MessageGeometry,
     Term,
@@ -36,6 +35,7 @@ from escn_train.models.grouped_so2 import (
 )
 from escn_train.models.so3 import SO3_Grid, CoefficientMapping, WignerCalculator, coefficient_idx
 from escn_train.models.smearing import make_distance_expansion
+from escn_train.models.workspace import Workspace
 
 #: Edges shorter than this (Å) have no direction: the frame and the physics break down.
 MIN_EDGE_LENGTH = 1e-4
@@ -77,68 +77,52 @@ class _GridSiLU(torch.autograd.Function):
     The grid values (E x points x C) are the largest activation of a message block. Here
     they exist one cache-sized block of edges at a time (memory traffic is the cost of
     this stage on CPUs), and backward recomputes them from ``y`` instead of storing them.
-    With ``groups`` each edge's result goes to its slot of the groups' padded layout (the
-    layout the rotation back reads), the empty slots being zero. Results and gradients are
-    bit for bit those of the unblocked expression.
+    Results and gradients are bit for bit those of the unblocked expression.
     """
 
     @staticmethod
     def forward(
-        y: torch.Tensor, to_grid: torch.Tensor, from_grid: torch.Tensor, groups: EdgeGroups | None,
-        out: torch.Tensor | None = None,
+        y: torch.Tensor, to_grid: torch.Tensor, from_grid: torch.Tensor, out: torch.Tensor | None = None
     ) -> torch.Tensor:
-        shape = (y.shape[0], from_grid.shape[0], y.shape[2])
         if out is None:
-            out = y.new_empty(shape) if groups is None else groups.empty_padded(y.new_empty(0, *shape[1:]))
+            out = y.new_empty(y.shape[0], from_grid.shape[0], y.shape[2])
         step = _edge_block_size(to_grid, y)
         for start in range(0, y.shape[0], step):
             grid = nn.functional.silu(torch.matmul(to_grid, y[start : start + step]), inplace=True)
-            if groups is None:
-                torch.matmul(from_grid, grid, out=out[start : start + step])
-            else:
-                out.index_copy_(0, groups.slot[start : start + step], torch.matmul(from_grid, grid))
+            torch.matmul(from_grid, grid, out=out[start : start + step])
         return out
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
-        y, to_grid, from_grid, groups, _ = inputs
-        ctx.groups = groups
-        ctx.save_for_backward(y, to_grid, from_grid)
+        ctx.save_for_backward(*inputs[:3])
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
         y, to_grid, from_grid = ctx.saved_tensors
-        groups = ctx.groups
         grad_y = torch.empty_like(y)
         step = _edge_block_size(to_grid, y)
         for start in range(0, y.shape[0], step):
             grid = torch.matmul(to_grid, y[start : start + step])
-            grad_out = grad[start : start + step] if groups is None else grad.index_select(0, groups.slot[start : start + step])
+            grad_out = grad[start : start + step]
             # SiLU' is exactly 1 above 80 and below 1e-32 under -80; clamping keeps its
             # exp() off the slow path that saturated grid values would take on CPUs.
             grad_grid = torch.ops.aten.silu_backward(torch.matmul(from_grid.t(), grad_out), grid.clamp_(-80.0, 80.0))
             torch.matmul(to_grid.t(), grad_grid, out=grad_y[start : start + step])
-        return grad_y, None, None, None, None
+        return grad_y, None, None, None
 
 
 def grid_silu(
-    y: torch.Tensor, to_grid: torch.Tensor, from_grid: torch.Tensor, groups: EdgeGroups | None = None,
-    geometry: MessageGeometry | None = None,
+    y: torch.Tensor, to_grid: torch.Tensor, from_grid: torch.Tensor, geometry: MessageGeometry | None = None
 ) -> torch.Tensor:
-    """Pointwise SiLU on the S2 grid: from_grid @ SiLU(to_grid @ y) for y [E, coeffs, C];
-    with ``groups``, in their padded layout [slots, coeffs, C] (see :class:`_GridSiLU`).
-    Without autograd, ``geometry`` lends the padded output buffer its layers share."""
+    """Pointwise SiLU on the S2 grid: from_grid @ SiLU(to_grid @ y) for y [E, coeffs, C]
+    (see :class:`_GridSiLU`). Without autograd, ``geometry`` lends the output buffer its
+    layers share."""
     if _tracing():
-        out = torch.matmul(from_grid, nn.functional.silu(torch.matmul(to_grid, y)))
-        return out if groups is None else groups.pad(out)
+        return torch.matmul(from_grid, nn.functional.silu(torch.matmul(to_grid, y)))
     if torch.is_grad_enabled() and y.requires_grad:
-        return _GridSiLU.apply(y, to_grid, from_grid, groups, None)
-    out = None
-    if geometry is not None and groups is not None:
-        out, fresh = geometry.scratch("grid_out", (groups.num_slots, from_grid.shape[0], y.shape[2]), y)
-        if fresh:
-            out.index_fill_(0, groups.empty_slots, 0)
-    return _GridSiLU.forward(y, to_grid, from_grid, groups, out)
+        return _GridSiLU.apply(y, to_grid, from_grid, None)
+    out = None if geometry is None else geometry.scratch("grid_out", (y.shape[0], from_grid.shape[0], y.shape[2]), y)
+    return _GridSiLU.forward(y, to_grid, from_grid, out)
 
 
 def calc_sphere_points(num_points: int) -> torch.Tensor:
@@ -282,6 +266,7 @@ class eSCN(nn.Module):  # noqa: N801 - the reference's public name
         self.sph_feature_size = (lmax + 1) ** 2
         self.register_load_state_dict_pre_hook(_accept_reference_layout)
         self._compiled_forward: Any = None
+        self.workspace = Workspace()  # inference buffers kept between calls
 
     # ----------------------------------------------------------------------------------
     # Calling conventions
@@ -408,10 +393,13 @@ class eSCN(nn.Module):  # noqa: N801 - the reference's public name
             device=atomic_numbers.device,
         )
         x[:, 0, :] = self.sphere_embedding(atomic_numbers)
-        expanded_distance = self.distance_expansion(edge_distance)  # shared by every layer
         geometry = None
-        if not _tracing() and self.layer_blocks:
+        if not _tracing() and self.layer_blocks and edge_index.shape[1] > 0:
             geometry = self.layer_blocks[0].message_block.geometry(wigner, edge_index, num_atoms)
+            geometry.workspace = self.workspace
+        # Shared by every layer; per target slot on the grouped path.
+        distance = edge_distance if geometry is None else edge_distance[geometry.slot_edge]
+        expanded_distance = self.distance_expansion(distance)
         for i, layer in enumerate(self.layer_blocks):
             update = layer(
                 x, atomic_numbers, edge_distance, edge_index, wigner, expanded_distance=expanded_distance,
@@ -621,18 +609,27 @@ class MessageBlock(nn.Module):
         degree_zero_input: bool = False,
     ) -> torch.Tensor:
         """``geometry``: :meth:`geometry` of this graph when the caller already has it (it
-        is the same for every layer). ``degree_zero_input``: the caller guarantees that only
-        the l = 0 coefficients of ``x`` are non-zero (the first layer's input, the atom
-        embedding): rotated, they have no m > 0 part, so the m > 0 convolutions give exact
-        zeros and are skipped (their parameters get exact zero gradients, as they would)."""
+        is the same for every layer); ``expanded_distance``: the distance expansion of the
+        geometry's slots (``distance_expansion(edge_distance[geometry.slot_edge])``), or
+        of the edges when there is no geometry (tracing, no edges). ``degree_zero_input``:
+        the caller guarantees that only the l = 0 coefficients of ``x`` are non-zero (the
+        first layer's input, the atom embedding): rotated, they have no m > 0 part, so the
+        m > 0 convolutions give exact zeros and are skipped (their parameters get exact
+        zero gradients, as they would)."""
         source, target = edge_index[0], edge_index[1]
-        x_edge = self.edge_block(
-            edge_distance, atomic_numbers[source], atomic_numbers[target], expanded_distance=expanded_distance
-        )
-        if _tracing():
+        if _tracing() or edge_index.shape[1] == 0:
+            x_edge = self.edge_block(
+                edge_distance, atomic_numbers[source], atomic_numbers[target], expanded_distance=expanded_distance
+            )
             return self._forward_per_edge(x, x_edge, edge_index, wigner)
         if geometry is None:
             geometry = self.geometry(wigner, edge_index, x.shape[0])
+            expanded_distance = None
+        slot_edge = geometry.slot_edge
+        x_edge = self.edge_block(
+            edge_distance[slot_edge], atomic_numbers[source[slot_edge]], atomic_numbers[target[slot_edge]],
+            expanded_distance=expanded_distance,
+        )
         terms = self.terms_degree_zero if degree_zero_input else self.terms
         params = [self._term_parameters(t) for t in terms]
         projections = first_layer_projections(x, [p.first for p in params], [t.order for t in terms])
@@ -645,9 +642,8 @@ class MessageBlock(nn.Module):
             torch.cat([p.gate_bias for p in params]), projections, [p.second for p in params],
         )
         with _float32_region(y):
-            target = geometry.groups[1]
-            y = grid_silu(_float32(y), self.grid_to, self.grid_from, target, geometry)
-            return target.sum_padded(geometry.back_rows, y, x.shape[0])
+            y = grid_silu(_float32(y), self.grid_to, self.grid_from, geometry)
+            return geometry.groups[1].sum_padded(geometry.back_rows, y, x.shape[0])
 
     def geometry(self, wigner: torch.Tensor, edge_index: torch.Tensor, num_atoms: int) -> MessageGeometry:
         """The per-graph constants of the grouped computation (see :class:`MessageGeometry`)."""

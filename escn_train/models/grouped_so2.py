@@ -15,6 +15,11 @@ summed over the terms of each order. The imaginary part enters the output rows s
 and negated, (+m, -m) <- (-i[-m], +i[+m]); that is folded into its Wigner rows, so every
 term is a plain sum.
 
+Edge-sized tensors live in the *target-slot layout*: one row per slot of the edges grouped
+by target atom (:class:`MessageGeometry`), zero in the empty slots. The grid stage and the
+rotation back then read their input as it is, and the target block's products need no
+reordering.
+
 In training, :class:`_GroupedSO2` keeps only the edge features and the per-atom projections
 for backward and recomputes the gates and the first-layer outputs there (a small GEMM and
 the grouped products), instead of storing several [E, hidden] tensors per term.
@@ -31,6 +36,7 @@ import torch
 from torch import nn
 
 from escn_train.models.edge_groups import EdgeGroups
+from escn_train.models.workspace import Workspace
 
 
 @dataclass(frozen=True)
@@ -57,28 +63,72 @@ class TermParameters(NamedTuple):
 
 @dataclass
 class MessageGeometry:
-    """Per-graph constants shared by every message block of a forward pass: the edges
-    grouped by source and by target atom, each order's Wigner rows padded to those groups
-    (``rows[side][key][m]``: rows of order m, or ±m, restricted to degrees l >= m), and the
-    reduced rotation padded to the target groups (``back_rows``: rotation back and sum
-    over each target atom's edges). Without autograd, the layers also share their large
-    edge-sized buffers through :meth:`scratch` (fresh ones of tens of MB cost a page fault
-    per 4 KB on first touch)."""
+    """Per-graph constants shared by every message block of a forward pass.
+
+    ``groups``: the edges grouped by source and by target atom. The target groups' slots
+    are the rows of every edge-sized tensor: ``slot_edge`` is the edge in each slot (edge 0
+    in empty slots), ``source_slot`` the source-group slot of that edge (0 for empty
+    slots) and ``target_slot`` the target slot of each source slot's edge (0 for empty
+    slots). ``rows[side][key][m]``: each order's Wigner rows (of order m, or ±m, restricted
+    to degrees l >= m) padded to that side's groups; ``back_rows``: the reduced rotation
+    padded to the target groups (rotation back and sum over each target atom's edges).
+    Without autograd, the layers take their large edge-sized buffers from ``workspace``
+    through :meth:`scratch` (see :mod:`.workspace`)."""
 
     groups: tuple[EdgeGroups, EdgeGroups]
+    slot_edge: torch.Tensor
+    source_slot: torch.Tensor
+    target_slot: torch.Tensor
     rows: tuple[dict[str, list[torch.Tensor]], dict[str, list[torch.Tensor]]]
     back_rows: torch.Tensor
-    workspace: dict[str, torch.Tensor] = field(default_factory=dict)
+    workspace: Workspace = field(default_factory=Workspace)
 
-    def scratch(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> tuple[torch.Tensor, bool]:
-        """A buffer named ``name`` reused by every layer of this pass (inference only), and
-        whether it was just allocated."""
-        buffer = self.workspace.get(name)
-        fresh = buffer is None or buffer.shape != shape or buffer.dtype != like.dtype or buffer.device != like.device
-        if fresh:
-            buffer = like.new_empty(shape)
-            self.workspace[name] = buffer
-        return buffer, fresh
+    def hidden(self, side: int, rows: torch.Tensor, per_atom: torch.Tensor) -> torch.Tensor:
+        """rows_e @ per_atom[atom of e on ``side``] in the target-slot layout, [slots, r, W]."""
+        padded = self.groups[side].padded_products(rows, per_atom)
+        return padded if side == 1 else padded.index_select(0, self.source_slot)
+
+    def sum_to_atoms(self, side: int, rows: torch.Tensor, values: torch.Tensor, num_atoms: int) -> torch.Tensor:
+        """Σ over each atom's edges (on ``side``) of rows_eᵀ @ values[slot of e], values in
+        the target-slot layout -> [atoms, K, W]."""
+        groups = self.groups[side]
+        if side == 0:
+            values = values.index_select(0, self.target_slot).index_fill_(0, groups.empty_slots, 0)
+        return groups.sum_padded(rows, values, num_atoms)
+
+    def scratch(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """The workspace's buffer ``name`` (inference only: valid until its next use)."""
+        return self.workspace.get(name, shape, like)
+
+    def hidden(self, side: int, rows: torch.Tensor, per_atom: torch.Tensor, reuse: bool = False) -> torch.Tensor:
+        """rows_e @ per_atom[atom of e on ``side``] in the target-slot layout, [slots, r, W]
+        (with ``reuse``, in workspace buffers)."""
+        groups = self.groups[side]
+        out = None
+        if reuse:
+            shape = (groups.num_slots, rows.shape[1] // groups.size, per_atom.shape[-1])
+            out = self.scratch(f"hidden{side}", shape, per_atom)
+        padded = groups.padded_products(rows, per_atom, out)
+        if side == 1:
+            return padded
+        if reuse:
+            out = self.scratch("hidden", (self.num_slots, *padded.shape[1:]), per_atom)
+            hidden = torch.index_select(padded, 0, self.source_slot, out=out)
+        else:
+            hidden = padded.index_select(0, self.source_slot)
+        return hidden.index_fill_(0, self.groups[1].empty_slots, 0)
+
+    @property
+    def num_slots(self) -> int:
+        return self.groups[1].num_slots
+
+    def sum_to_atoms(self, side: int, rows: torch.Tensor, values: torch.Tensor, num_atoms: int) -> torch.Tensor:
+        """Σ over each atom's edges (on ``side``) of rows_eᵀ @ values[slot of e], values in
+        the target-slot layout -> [atoms, K, W]."""
+        groups = self.groups[side]
+        if side == 0:
+            values = values.index_select(0, self.target_slot).index_fill_(0, groups.empty_slots, 0)
+        return groups.sum_padded(rows, values, num_atoms)
 
 
 def order_rows_index(lmax: int, mmax: int) -> list[tuple[torch.Tensor, tuple[int, int]]]:
@@ -104,8 +154,11 @@ def build_geometry(
     rows_shape: list[tuple[int, int]],
     rotation_rows: torch.Tensor,
 ) -> MessageGeometry:
-    """:class:`MessageGeometry` of a graph from its Wigner matrices [E, S, S]."""
+    """:class:`MessageGeometry` of a graph (at least one edge) from its Wigner matrices [E, S, S]."""
     groups = (EdgeGroups.build(edge_index[0], num_atoms), EdgeGroups.build(edge_index[1], num_atoms))
+    slot_edge = groups[1].slot_edges()
+    source_slot = groups[0].slot.new_zeros(groups[1].num_slots).index_copy_(0, groups[1].slot, groups[0].slot)
+    target_slot = groups[1].slot.new_zeros(groups[0].num_slots).index_copy_(0, groups[0].slot, groups[1].slot)
     flat = wigner.flatten(1)
     per_order = [flat.index_select(1, index).view(-1, *shape) for index, shape in zip(rows_index, rows_shape)]
     swapped = [None] + [imaginary_rows(r) for r in per_order[1:]]
@@ -117,7 +170,7 @@ def build_geometry(
         for g in groups
     )
     back_rows = groups[1].pad(wigner.index_select(1, rotation_rows))
-    return MessageGeometry(groups, rows, back_rows)
+    return MessageGeometry(groups, slot_edge, source_slot, target_slot, rows, back_rows)
 
 
 def imaginary_rows(rows: torch.Tensor) -> torch.Tensor:
@@ -215,7 +268,7 @@ def _output_rows(y: torch.Tensor, term: Term, offsets: list[list[int]], sign: in
 def so2_stage(
     terms: list[Term], offsets: list[list[int]], channels: int, x_edge: torch.Tensor, gate_weight: torch.Tensor,
     gate_bias: torch.Tensor, hidden: Callable[[int], torch.Tensor], second_weights: Sequence[torch.Tensor],
-    in_place: bool, out: torch.Tensor | None = None,
+    in_place: bool, out: torch.Tensor | None = None, gate_buffer: Callable[[int], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Gate each term's first-layer output ``hidden(t)`` ([E, rows, H]) by the edge, apply its
     second layer and sum per order -> [E, R, C] (m-major rows). Shared by the grouped path
@@ -231,7 +284,7 @@ def so2_stage(
     else:
         pieces: dict[tuple[int, int], torch.Tensor] = {}
     for t, (term, second) in enumerate(zip(terms, second_weights)):
-        gate = _term_gate(term, x_edge, gate_weight, gate_bias, in_place).unsqueeze(1)
+        gate = _term_gate(term, x_edge, gate_weight, gate_bias, in_place, gate_buffer).unsqueeze(1)
         mixed = hidden(t).mul_(gate) if in_place else hidden(t) * gate
         for sign in range(mixed.shape[1]):
             key = (term.order, sign)
@@ -274,12 +327,15 @@ def _forward(
         term = terms[t]
         # Rotations stay in float32 under autocast (as everywhere in the model).
         with _autocast_off(x_edge):
-            return geometry.groups[term.side].edge_products(_term_rows(geometry, term), _float32(projections[t]))
+            return geometry.hidden(term.side, _term_rows(geometry, term), _float32(projections[t]), in_place and reuse_buffer)
 
-    out = None
+    out = gate_buffer = None
     if in_place and reuse_buffer:
-        out = geometry.scratch("so2_out", (x_edge.shape[0], offsets[-1][0], channels), x_edge)[0]
-    return so2_stage(terms, offsets, channels, x_edge, gate_weight, gate_bias, hidden, second_weights, in_place, out)
+        out = geometry.scratch("so2_out", (x_edge.shape[0], offsets[-1][0], channels), x_edge)
+        gate_buffer = lambda width: geometry.scratch("gate", (x_edge.shape[0], width), x_edge)  # noqa: E731
+    return so2_stage(
+        terms, offsets, channels, x_edge, gate_weight, gate_bias, hidden, second_weights, in_place, out, gate_buffer
+    )
 
 
 def _term_gate_pre(term: Term, x_edge: torch.Tensor, gate_weight: torch.Tensor, gate_bias: torch.Tensor) -> torch.Tensor:
@@ -288,8 +344,15 @@ def _term_gate_pre(term: Term, x_edge: torch.Tensor, gate_weight: torch.Tensor, 
     return nn.functional.linear(x_edge, gate_weight[columns], gate_bias[columns])
 
 
-def _term_gate(term: Term, x_edge: torch.Tensor, gate_weight: torch.Tensor, gate_bias: torch.Tensor, in_place: bool) -> torch.Tensor:
-    return nn.functional.silu(_term_gate_pre(term, x_edge, gate_weight, gate_bias), inplace=in_place)
+def _term_gate(
+    term: Term, x_edge: torch.Tensor, gate_weight: torch.Tensor, gate_bias: torch.Tensor, in_place: bool,
+    buffer: Callable[[int], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    if buffer is None:
+        return nn.functional.silu(_term_gate_pre(term, x_edge, gate_weight, gate_bias), inplace=in_place)
+    columns = slice(term.gate_start, term.gate_start + term.width)
+    pre = torch.addmm(gate_bias[columns], x_edge, gate_weight[columns].t(), out=buffer(term.width))
+    return nn.functional.silu(pre, inplace=True)
 
 
 def _float32(x: torch.Tensor) -> torch.Tensor:
@@ -329,8 +392,8 @@ class _GroupedSO2(torch.autograd.Function):
         grad_gate_bias = torch.empty_like(gate_bias)
         grad_projections, grad_seconds = [], []
         for term, projection, second in zip(terms, projections, second_weights):
-            groups, rows = geometry.groups[term.side], _term_rows(geometry, term)
-            hidden = groups.edge_products(rows, projection)
+            rows = _term_rows(geometry, term)
+            hidden = geometry.hidden(term.side, rows, projection)
             pre = _term_gate_pre(term, x_edge, gate_weight, gate_bias)
             gate = nn.functional.silu(pre).unsqueeze(1)
             mixed = hidden * gate
@@ -347,7 +410,7 @@ class _GroupedSO2(torch.autograd.Function):
                 grad_x_edge.addmm_(grad_pre, gate_weight[columns])
             torch.mm(grad_pre.t(), x_edge, out=grad_gate_weight[columns])
             torch.sum(grad_pre, 0, out=grad_gate_bias[columns])
-            grad_projections.append(groups.sum_products(rows, grad_mixed.mul_(gate), projection.shape[0]))
+            grad_projections.append(geometry.sum_to_atoms(term.side, rows, grad_mixed.mul_(gate), projection.shape[0]))
         if not ctx.needs_input_grad[5]:
             grad_gate_weight = None
         if not ctx.needs_input_grad[6]:
@@ -366,7 +429,8 @@ def grouped_so2(
     projections: list[torch.Tensor],
     second_weights: list[torch.Tensor],
 ) -> torch.Tensor:
-    """Output of the SO(2) stage, [E, reduced coefficients, C] in m-major order.
+    """Output of the SO(2) stage in the target-slot layout, [slots, reduced coefficients, C],
+    m-major rows.
 
     ``offsets``: :func:`order_row_offsets`; ``projections``: :func:`first_layer_projections`;
     ``second_weights[t]``: [K_m, H]. Eager full-precision training uses the recomputing

@@ -1,0 +1,55 @@
+"""Buffers that inference keeps from one forward pass to the next.
+
+Without autograd, the message blocks' large edge-sized intermediates (tens of MB) are
+needed only until the next layer. Allocated fresh, each costs a page fault per 4 KB page
+on first touch, on every call — on virtual machines a large share of an inference step.
+A :class:`Workspace` keeps them instead: named flat buffers, grown when a call needs more
+and otherwise reused, one set per thread (so that threads sharing a model do not share
+buffers).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import torch
+
+#: Extra capacity when a buffer grows, so that graphs of slowly varying size (molecular
+#: dynamics) do not reallocate on every call.
+_GROWTH = 1.25
+
+
+class Workspace:
+    """Named buffers reused across calls, per thread; :meth:`clear` releases them."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def _buffers(self) -> dict[str, torch.Tensor]:
+        buffers = getattr(self._local, "buffers", None)
+        if buffers is None:
+            buffers = self._local.buffers = {}
+        return buffers
+
+    def get(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """An uninitialised tensor of ``shape`` (``like``'s dtype and device) backed by the
+        buffer ``name``. It stays valid until the next request for the same name."""
+        numel = math.prod(shape)
+        buffers = self._buffers()
+        buffer = buffers.get(name)
+        if buffer is None or buffer.numel() < numel or buffer.dtype != like.dtype or buffer.device != like.device:
+            buffers.pop(name, None)  # release the old one before allocating its successor
+            buffer = like.new_empty(max(1, int(numel * _GROWTH)))
+            buffers[name] = buffer
+        return buffer[:numel].view(shape)
+
+    def clear(self) -> None:
+        """Release this thread's buffers."""
+        self._local.buffers = {}
+
+    def __getstate__(self) -> dict:
+        return {}  # buffers are caches: copies and pickles start empty
+
+    def __setstate__(self, state: dict) -> None:
+        self._local = threading.local()

@@ -1,0 +1,46 @@
+"""Inference buffers kept between calls (escn_train.models.workspace)."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+import threading
+
+import torch
+
+from escn_train.models.workspace import Workspace
+from reference_fixtures import build_model, fixture_batch
+
+
+def test_workspace_reuses_grows_and_separates_threads():
+    workspace, like = Workspace(), torch.zeros(1)
+    first = workspace.get("a", (4, 5), like)
+    assert workspace.get("a", (2, 10), like).data_ptr() == first.data_ptr()  # same buffer, new shape
+    assert workspace.get("b", (4, 5), like).data_ptr() != first.data_ptr()
+    grown = workspace.get("a", (100,), like)
+    assert grown.shape == (100,) and workspace.get("a", (110,), like).data_ptr() == grown.data_ptr()  # headroom
+    assert workspace.get("a", (3,), torch.zeros(1, dtype=torch.float64)).dtype == torch.float64
+    other = []
+    thread = threading.Thread(target=lambda: other.append(workspace.get("b", (4, 5), like).data_ptr()))
+    thread.start()
+    thread.join()
+    assert other[0] != workspace.get("b", (4, 5), like).data_ptr()
+    workspace.clear()
+    assert workspace.get("b", (1,), like).numel() == 1
+    assert pickle.loads(pickle.dumps(workspace))._buffers() == {}
+
+
+def test_inference_reusing_buffers_between_graphs_of_other_sizes_gives_fresh_results():
+    """Calls on graphs of different sizes, in turn, through one model's kept buffers give
+    bit for bit what a model without kept buffers gives."""
+    model = build_model("tiny_l2m1")
+    batches = [fixture_batch("tiny_l2m1", [0]), fixture_batch("tiny_l2m1"), fixture_batch("tiny_l2m1", [1])]
+    with torch.no_grad():
+        reused = [model(b) for b in batches + batches[:1]]
+        assert model.workspace._buffers()  # the grouped path did keep buffers
+        for batch, out in zip(batches + batches[:1], reused):
+            model.workspace.clear()
+            fresh = model(batch)
+            assert torch.equal(out["energy"], fresh["energy"]) and torch.equal(out["forces"], fresh["forces"])
+        clone = copy.deepcopy(model)
+    assert clone.workspace._buffers() == {}
