@@ -18,6 +18,7 @@ from e3nn import o3
 from torch import nn
 
 from escn_train.graph import edge_vectors, radius_graph_pbc
+from escn_train.models.distance_bands import DistanceBands
 from escn_train.models.edge_groups import EdgeGroups
 from escn_train.models.grouped_so2 import (
     MessageGeometry,
@@ -35,7 +36,7 @@ from escn_train.models.grouped_so2 import (
     with_zero_gradients,
 )
 from escn_train.models.so3 import SO3_Grid, CoefficientMapping, WignerCalculator, coefficient_idx
-from escn_train.models.smearing import make_distance_expansion
+from escn_train.models.smearing import GaussianSmearing, make_distance_expansion
 
 #: Edges shorter than this (Å) have no direction: the frame and the physics break down.
 MIN_EDGE_LENGTH = 1e-4
@@ -408,7 +409,12 @@ class eSCN(nn.Module):  # noqa: N801 - the reference's public name
             device=atomic_numbers.device,
         )
         x[:, 0, :] = self.sphere_embedding(atomic_numbers)
-        expanded_distance = self.distance_expansion(edge_distance)  # shared by every layer
+        # Shared by every layer. Eager and without autograd through the distances, a Gaussian
+        # expansion keeps only its non-zero bands (export and compile keep static shapes).
+        if isinstance(self.distance_expansion, GaussianSmearing) and not (_tracing() or edge_distance.requires_grad):
+            expanded_distance = self.distance_expansion.bands(edge_distance)
+        else:
+            expanded_distance = self.distance_expansion(edge_distance)
         geometry = None
         if not _tracing() and self.layer_blocks:
             geometry = self.layer_blocks[0].message_block.geometry(wigner, edge_index, num_atoms)
@@ -809,11 +815,16 @@ class EdgeBlock(nn.Module):
         edge_distance: torch.Tensor,
         source_element: torch.Tensor,
         target_element: torch.Tensor,
-        expanded_distance: torch.Tensor | None = None,
+        expanded_distance: torch.Tensor | DistanceBands | None = None,
     ) -> torch.Tensor:
+        """``expanded_distance``: the distance expansion, dense [E, num_gaussians] or as
+        :class:`DistanceBands`; computed here when None."""
         if expanded_distance is None:
             expanded_distance = self.distance_expansion(edge_distance)
-        x_dist = self.fc1_dist(expanded_distance)
+        if isinstance(expanded_distance, DistanceBands):
+            x_dist = expanded_distance.project(self.fc1_dist.weight, self.fc1_dist.bias)
+        else:
+            x_dist = self.fc1_dist(expanded_distance)
         x_edge = self.act(self.source_embedding(source_element) + self.target_embedding(target_element) + x_dist)
         return self.act(self.fc1_edge_attr(x_edge))
 
