@@ -18,6 +18,7 @@ from e3nn import o3
 from torch import nn
 
 from escn_train.graph import edge_vectors, radius_graph_pbc
+from escn_train.models.distance_bands import DistanceBands
 from escn_train.models.grouped_so2 import (
     MessageGeometry,
     Term,
@@ -34,7 +35,7 @@ from escn_train.models.grouped_so2 import (
     with_zero_gradients,
 )
 from escn_train.models.so3 import SO3_Grid, CoefficientMapping, WignerCalculator, coefficient_idx
-from escn_train.models.smearing import make_distance_expansion
+from escn_train.models.smearing import GaussianSmearing, make_distance_expansion
 from escn_train.models.workspace import Workspace
 
 #: Edges shorter than this (Å) have no direction: the frame and the physics break down.
@@ -397,9 +398,14 @@ class eSCN(nn.Module):  # noqa: N801 - the reference's public name
         if not _tracing() and self.layer_blocks and edge_index.shape[1] > 0:
             geometry = self.layer_blocks[0].message_block.geometry(wigner, edge_index, num_atoms)
             geometry.workspace = self.workspace
-        # Shared by every layer; per target slot on the grouped path.
+        # Shared by every layer; per target slot on the grouped path. Eager and without
+        # autograd through the distances, a Gaussian expansion keeps only its non-zero bands
+        # (export and compile keep static shapes).
         distance = edge_distance if geometry is None else edge_distance[geometry.slot_edge]
-        expanded_distance = self.distance_expansion(distance)
+        if isinstance(self.distance_expansion, GaussianSmearing) and not (_tracing() or distance.requires_grad):
+            expanded_distance = self.distance_expansion.bands(distance)
+        else:
+            expanded_distance = self.distance_expansion(distance)
         for i, layer in enumerate(self.layer_blocks):
             update = layer(
                 x, atomic_numbers, edge_distance, edge_index, wigner, expanded_distance=expanded_distance,
@@ -528,7 +534,7 @@ class LayerBlock(nn.Module):
         edge_distance: torch.Tensor,
         edge_index: torch.Tensor,
         wigner: torch.Tensor,
-        expanded_distance: torch.Tensor | None = None,
+        expanded_distance: torch.Tensor | DistanceBands | None = None,
         geometry: MessageGeometry | None = None,
         degree_zero_input: bool = False,
     ) -> torch.Tensor:
@@ -604,7 +610,7 @@ class MessageBlock(nn.Module):
         edge_distance: torch.Tensor,
         edge_index: torch.Tensor,
         wigner: torch.Tensor,
-        expanded_distance: torch.Tensor | None = None,
+        expanded_distance: torch.Tensor | DistanceBands | None = None,
         geometry: MessageGeometry | None = None,
         degree_zero_input: bool = False,
     ) -> torch.Tensor:
@@ -805,11 +811,16 @@ class EdgeBlock(nn.Module):
         edge_distance: torch.Tensor,
         source_element: torch.Tensor,
         target_element: torch.Tensor,
-        expanded_distance: torch.Tensor | None = None,
+        expanded_distance: torch.Tensor | DistanceBands | None = None,
     ) -> torch.Tensor:
+        """``expanded_distance``: the distance expansion, dense [E, num_gaussians] or as
+        :class:`DistanceBands`; computed here when None."""
         if expanded_distance is None:
             expanded_distance = self.distance_expansion(edge_distance)
-        x_dist = self.fc1_dist(expanded_distance)
+        if isinstance(expanded_distance, DistanceBands):
+            x_dist = expanded_distance.project(self.fc1_dist.weight, self.fc1_dist.bias)
+        else:
+            x_dist = self.fc1_dist(expanded_distance)
         x_edge = self.act(self.source_embedding(source_element) + self.target_embedding(target_element) + x_dist)
         return self.act(self.fc1_edge_attr(x_edge))
 

@@ -7,6 +7,8 @@ import math
 import torch
 from torch import nn
 
+from escn_train.models.distance_bands import DistanceBands
+
 
 #: exp(-87) ≈ 1.6e-38 is still a normal float32; exp of anything lower is subnormal or 0.
 _SMALLEST_NORMAL_EXPONENT = -87.0
@@ -57,8 +59,18 @@ class GaussianSmearing(_FixedBasis):
         nearest = torch.round((dist.view(-1) - self.start) / self.spacing).to(torch.long)
         first = (nearest - self.band_half_width).clamp_(0, self.num_output - band)
         columns = first.view(-1, 1) + torch.arange(band, device=dist.device)
-        values = self._clipped_exp(dist.view(-1, 1) - self.offset[columns])
+        values = self.centre_values(dist.view(-1, 1), columns)
         return values.new_zeros(values.shape[0], self.num_output).scatter_(1, columns, values)
+
+    def bands(self, dist: torch.Tensor) -> DistanceBands:
+        """forward(dist) without autograd through ``dist``, as :class:`DistanceBands`: the
+        non-zero bands only, for a cheaper linear projection."""
+        return DistanceBands.build(dist, self)
+
+    def centre_values(self, dist: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+        """The Gaussians of centres ``columns`` at ``dist`` (broadcast together), exactly 0
+        below exp(-87), as forward computes them without autograd."""
+        return self._clipped_exp(dist - self.offset[columns])
 
     def _clipped_exp(self, shifted: torch.Tensor) -> torch.Tensor:
         """exp(coeff · shifted²), exactly 0 where the exponent is below -87."""
