@@ -83,21 +83,8 @@ class MessageGeometry:
     back_rows: torch.Tensor
     workspace: Workspace = field(default_factory=Workspace)
 
-    def hidden(self, side: int, rows: torch.Tensor, per_atom: torch.Tensor) -> torch.Tensor:
-        """rows_e @ per_atom[atom of e on ``side``] in the target-slot layout, [slots, r, W]."""
-        padded = self.groups[side].padded_products(rows, per_atom)
-        return padded if side == 1 else padded.index_select(0, self.source_slot)
-
-    def sum_to_atoms(self, side: int, rows: torch.Tensor, values: torch.Tensor, num_atoms: int) -> torch.Tensor:
-        """Σ over each atom's edges (on ``side``) of rows_eᵀ @ values[slot of e], values in
-        the target-slot layout -> [atoms, K, W]."""
-        groups = self.groups[side]
-        if side == 0:
-            values = values.index_select(0, self.target_slot).index_fill_(0, groups.empty_slots, 0)
-        return groups.sum_padded(rows, values, num_atoms)
-
     def scratch(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-        """The workspace's buffer ``name`` (inference only: valid until its next use)."""
+        """The workspace's buffer ``name`` (outside autograd only: valid until its next use)."""
         return self.workspace.get(name, shape, like)
 
     def hidden(self, side: int, rows: torch.Tensor, per_atom: torch.Tensor, reuse: bool = False) -> torch.Tensor:
@@ -122,12 +109,20 @@ class MessageGeometry:
     def num_slots(self) -> int:
         return self.groups[1].num_slots
 
-    def sum_to_atoms(self, side: int, rows: torch.Tensor, values: torch.Tensor, num_atoms: int) -> torch.Tensor:
+    def sum_to_atoms(
+        self, side: int, rows: torch.Tensor, values: torch.Tensor, num_atoms: int, reuse: bool = False
+    ) -> torch.Tensor:
         """Σ over each atom's edges (on ``side``) of rows_eᵀ @ values[slot of e], values in
-        the target-slot layout -> [atoms, K, W]."""
+        the target-slot layout -> [atoms, K, W] (with ``reuse``, reordered in a workspace
+        buffer)."""
         groups = self.groups[side]
         if side == 0:
-            values = values.index_select(0, self.target_slot).index_fill_(0, groups.empty_slots, 0)
+            if reuse:
+                out = self.scratch("source_values", (groups.num_slots, *values.shape[1:]), values)
+                values = torch.index_select(values, 0, self.target_slot, out=out)
+            else:
+                values = values.index_select(0, self.target_slot)
+            values.index_fill_(0, groups.empty_slots, 0)
         return groups.sum_padded(rows, values, num_atoms)
 
 
@@ -284,7 +279,7 @@ def so2_stage(
     else:
         pieces: dict[tuple[int, int], torch.Tensor] = {}
     for t, (term, second) in enumerate(zip(terms, second_weights)):
-        gate = _term_gate(term, x_edge, gate_weight, gate_bias, in_place, gate_buffer).unsqueeze(1)
+        gate = _term_gate(term, x_edge, gate_weight, gate_bias, gate_buffer).unsqueeze(1)
         mixed = hidden(t).mul_(gate) if in_place else hidden(t) * gate
         for sign in range(mixed.shape[1]):
             key = (term.order, sign)
@@ -316,41 +311,38 @@ def so2_stage(
 def _forward(
     geometry: MessageGeometry, terms: list[Term], offsets: list[list[int]], x_edge: torch.Tensor,
     gate_weight: torch.Tensor, gate_bias: torch.Tensor, projections: Sequence[torch.Tensor],
-    second_weights: Sequence[torch.Tensor], channels: int, reuse_buffer: bool = False,
+    second_weights: Sequence[torch.Tensor], channels: int, reuse_output: bool = False,
 ) -> torch.Tensor:
     """:func:`so2_stage` with the first-layer outputs as grouped products of the per-atom
-    projections (with ``reuse_buffer``, into the geometry's scratch buffer shared by the
-    layers)."""
+    projections. Without autograd, the intermediates are workspace buffers, and with
+    ``reuse_output`` the output too (it is then valid until the next layer's)."""
     in_place = not torch.is_grad_enabled() and not torch.is_autocast_enabled(x_edge.device.type)
 
     def hidden(t: int) -> torch.Tensor:
         term = terms[t]
         # Rotations stay in float32 under autocast (as everywhere in the model).
         with _autocast_off(x_edge):
-            return geometry.hidden(term.side, _term_rows(geometry, term), _float32(projections[t]), in_place and reuse_buffer)
+            return geometry.hidden(term.side, _term_rows(geometry, term), _float32(projections[t]), in_place)
 
     out = gate_buffer = None
-    if in_place and reuse_buffer:
-        out = geometry.scratch("so2_out", (x_edge.shape[0], offsets[-1][0], channels), x_edge)
+    if in_place:
         gate_buffer = lambda width: geometry.scratch("gate", (x_edge.shape[0], width), x_edge)  # noqa: E731
+        if reuse_output:
+            out = geometry.scratch("so2_out", (x_edge.shape[0], offsets[-1][0], channels), x_edge)
     return so2_stage(
         terms, offsets, channels, x_edge, gate_weight, gate_bias, hidden, second_weights, in_place, out, gate_buffer
     )
 
 
-def _term_gate_pre(term: Term, x_edge: torch.Tensor, gate_weight: torch.Tensor, gate_bias: torch.Tensor) -> torch.Tensor:
-    """The pre-activation of a term's gates, [E, H] (term by term: no [E, all gates] buffer)."""
-    columns = slice(term.gate_start, term.gate_start + term.width)
-    return nn.functional.linear(x_edge, gate_weight[columns], gate_bias[columns])
-
-
 def _term_gate(
-    term: Term, x_edge: torch.Tensor, gate_weight: torch.Tensor, gate_bias: torch.Tensor, in_place: bool,
+    term: Term, x_edge: torch.Tensor, gate_weight: torch.Tensor, gate_bias: torch.Tensor,
     buffer: Callable[[int], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    if buffer is None:
-        return nn.functional.silu(_term_gate_pre(term, x_edge, gate_weight, gate_bias), inplace=in_place)
+    """SiLU of a term's gate pre-activations, [E, H] (term by term: no [E, all gates]
+    buffer); computed in ``buffer(H)`` when given."""
     columns = slice(term.gate_start, term.gate_start + term.width)
+    if buffer is None:
+        return nn.functional.silu(nn.functional.linear(x_edge, gate_weight[columns], gate_bias[columns]))
     pre = torch.addmm(gate_bias[columns], x_edge, gate_weight[columns].t(), out=buffer(term.width))
     return nn.functional.silu(pre, inplace=True)
 
@@ -391,26 +383,34 @@ class _GroupedSO2(torch.autograd.Function):
         grad_gate_weight = torch.empty_like(gate_weight)
         grad_gate_bias = torch.empty_like(gate_bias)
         grad_projections, grad_seconds = [], []
+
+        def buffer(name: str, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+            return geometry.scratch(name, tuple(shape), x_edge)
+
+        # Every intermediate is a workspace buffer: fresh ones would cost page faults.
         for term, projection, second in zip(terms, projections, second_weights):
             rows = _term_rows(geometry, term)
-            hidden = geometry.hidden(term.side, rows, projection)
-            pre = _term_gate_pre(term, x_edge, gate_weight, gate_bias)
-            gate = nn.functional.silu(pre).unsqueeze(1)
-            mixed = hidden * gate
+            hidden = geometry.hidden(term.side, rows, projection, reuse=True)
+            columns = slice(term.gate_start, term.gate_start + term.width)
+            gate_shape = (x_edge.shape[0], term.width)
+            pre = torch.addmm(gate_bias[columns], x_edge, gate_weight[columns].t(), out=buffer("gate_pre", gate_shape))
+            gate = torch.ops.aten.silu.out(pre, out=buffer("gate", gate_shape)).unsqueeze(1)
+            mixed = torch.mul(hidden, gate, out=buffer("mixed", hidden.shape))
             grad_second = second.new_zeros(second.shape)
-            grad_mixed = torch.empty_like(hidden)
+            grad_mixed = buffer("grad_mixed", hidden.shape)
             for sign in range(hidden.shape[1]):
                 grad_rows = _output_rows(grad_y, term, offsets, sign, second.shape[0])
                 grad_second.addmm_(grad_rows.t(), mixed[:, sign])
                 torch.mm(grad_rows, second, out=grad_mixed[:, sign])
             grad_seconds.append(grad_second)
-            grad_pre = torch.ops.aten.silu_backward((grad_mixed * hidden).sum(1), pre)
-            columns = slice(term.gate_start, term.gate_start + term.width)
+            grad_gate = torch.sum(hidden.mul_(grad_mixed), 1, out=buffer("grad_gate", gate_shape))
+            grad_pre = torch.ops.aten.silu_backward.grad_input(grad_gate, pre, grad_input=buffer("grad_pre", gate_shape))
             if grad_x_edge is not None:
                 grad_x_edge.addmm_(grad_pre, gate_weight[columns])
             torch.mm(grad_pre.t(), x_edge, out=grad_gate_weight[columns])
             torch.sum(grad_pre, 0, out=grad_gate_bias[columns])
-            grad_projections.append(geometry.sum_to_atoms(term.side, rows, grad_mixed.mul_(gate), projection.shape[0]))
+            values = grad_mixed.mul_(gate)
+            grad_projections.append(geometry.sum_to_atoms(term.side, rows, values, projection.shape[0], reuse=True))
         if not ctx.needs_input_grad[5]:
             grad_gate_weight = None
         if not ctx.needs_input_grad[6]:
@@ -445,5 +445,5 @@ def grouped_so2(
     reuse = not torch.is_grad_enabled()  # the output is consumed before the next layer
     return _forward(
         geometry, terms, offsets, x_edge, gate_weight, gate_bias, tuple(projections), tuple(second_weights), channels,
-        reuse_buffer=reuse,
+        reuse_output=reuse,
     )
