@@ -154,6 +154,19 @@ def wigner_j_matrices(lmax: int) -> list[torch.Tensor]:
     return [(-1) ** l * o3.wigner_D(l, half_pi, half_pi, half_pi) for l in range(lmax + 1)]
 
 
+def _euler_angles(rotation: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """e3nn's Y-X-Y Euler angles of rotations [E, 3, 3]: α, β of the second column (as
+    ``o3.xyz_to_angles``) and γ, the angle left once R_y(α) R_x(β) is undone. Only the first
+    row of (R_y(α) R_x(β))ᵀ R is needed for γ, and that row is (cos α, 0, -sin α) R."""
+    direction = rotation[:, :, 1]
+    direction = direction / torch.sqrt((direction * direction).sum(dim=1, keepdim=True))
+    alpha = torch.atan2(direction[:, 0], direction[:, 2])
+    beta = torch.acos(direction[:, 1].clamp(-1.0, 1.0))
+    cos_a, sin_a = torch.cos(alpha), torch.sin(alpha)
+    first_row = cos_a.unsqueeze(1) * rotation[:, 0] - sin_a.unsqueeze(1) * rotation[:, 2]
+    return alpha, beta, torch.atan2(first_row[:, 2], first_row[:, 0])
+
+
 class WignerCalculator(nn.Module):
     """Block-diagonal Wigner matrices D_0 ... D_lmax of per-edge rotation matrices.
 
@@ -186,10 +199,7 @@ class WignerCalculator(nn.Module):
         if torch.is_autocast_enabled(edge_rot_mat.device.type):
             with torch.autocast(edge_rot_mat.device.type, enabled=False):
                 return self.forward(edge_rot_mat)
-        edge_rot_mat = edge_rot_mat.detach()
-        alpha, beta = o3.xyz_to_angles(edge_rot_mat[:, :, 1])
-        frame = o3.angles_to_matrix(alpha, beta, torch.zeros_like(alpha)).transpose(-1, -2) @ edge_rot_mat
-        gamma = torch.atan2(frame[:, 0, 2], frame[:, 0, 0])
+        alpha, beta, gamma = _euler_angles(edge_rot_mat.detach())
 
         f = self.frequency.to(edge_rot_mat.dtype)
         mirror = self.mirror
