@@ -863,7 +863,11 @@ class EdgeBlock(nn.Module):
             x_dist = expanded_distance.project(self.fc1_dist.weight, self.fc1_dist.bias)
         else:
             x_dist = self.fc1_dist(expanded_distance)
-        x_edge = self.act(self.source_embedding(source_element) + self.target_embedding(target_element) + x_dist)
+        # Row gathers rather than nn.Embedding calls: the same values, and their backward is an
+        # index_add instead of CPU embedding_dense_backward's sort (0.35 vs 0.09 ms, bench batch).
+        source = self.source_embedding.weight.index_select(0, source_element)
+        target = self.target_embedding.weight.index_select(0, target_element)
+        x_edge = self.act(source + target + x_dist)
         return self.act(self.fc1_edge_attr(x_edge))
 
 

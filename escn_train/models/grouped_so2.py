@@ -403,7 +403,11 @@ class _GroupedSO2(torch.autograd.Function):
                 grad_second.addmm_(grad_rows.t(), mixed[:, sign])
                 torch.mm(grad_rows, second, out=grad_mixed[:, sign])
             grad_seconds.append(grad_second)
-            grad_gate = torch.sum(hidden.mul_(grad_mixed), 1, out=buffer("grad_gate", gate_shape))
+            hidden.mul_(grad_mixed)
+            if hidden.shape[1] == 1:
+                grad_gate = hidden[:, 0]
+            else:
+                grad_gate = torch.sum(hidden, 1, out=buffer("grad_gate", gate_shape))
             grad_pre = torch.ops.aten.silu_backward.grad_input(grad_gate, pre, grad_input=buffer("grad_pre", gate_shape))
             if grad_x_edge is not None:
                 grad_x_edge.addmm_(grad_pre, gate_weight[columns])
