@@ -83,6 +83,7 @@ class RotationBack(NamedTuple):
     rows: torch.Tensor
     groups: EdgeGroups
     num_atoms: int
+    workspace: Workspace | None = None  # lends backward its gradient buffer
 
     def sum_block(self, values: torch.Tensor, start: int, out: torch.Tensor) -> None:
         """Add the sums of the slots from ``start`` on (whole groups), ``values`` [slots, R, C],
@@ -142,7 +143,11 @@ class _GridSiLU(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
         y, to_grid, from_grid = ctx.saved_tensors
         back = ctx.back
-        grad_y = torch.empty_like(y)
+        if back is not None and back.workspace is not None:
+            # Consumed by the SO(2) stage's backward before any other layer's grid backward.
+            grad_y = back.workspace.get("grid_grad", y.shape, y)
+        else:
+            grad_y = torch.empty_like(y)
         if back is not None:
             grad = back.groups.per_group(grad)
         step = _edge_block_size(to_grid, y, back)
@@ -690,7 +695,7 @@ class MessageBlock(nn.Module):
             torch.cat([p.gate_bias for p in params]), projections, [p.second for p in params],
         )
         with _float32_region(y):
-            back = RotationBack(geometry.back_rows, geometry.groups[1], x.shape[0])
+            back = RotationBack(geometry.back_rows, geometry.groups[1], x.shape[0], geometry.workspace)
             return grid_silu(_float32(y), self.grid_to, self.grid_from, back)
 
     def geometry(self, wigner: torch.Tensor, edge_index: torch.Tensor, num_atoms: int) -> MessageGeometry:
