@@ -44,3 +44,15 @@ def test_inference_reusing_buffers_between_graphs_of_other_sizes_gives_fresh_res
             assert torch.equal(out["energy"], fresh["energy"]) and torch.equal(out["forces"], fresh["forces"])
         clone = copy.deepcopy(model)
     assert clone.workspace._buffers() == {}
+
+
+def test_ema_copy_shares_the_kept_buffers_but_not_the_weights():
+    """Training and validation never run at once: the EMA copy uses the same buffers."""
+    from escn_train.training.ema import ExponentialMovingAverage
+
+    model = build_model("tiny_l2m1")
+    ema = ExponentialMovingAverage(model)
+    assert ema.module.workspace is model.workspace
+    weight = model.sphere_embedding.weight
+    assert ema.module.sphere_embedding.weight.data_ptr() != weight.data_ptr()
+    assert torch.equal(ema.module.sphere_embedding.weight, weight)

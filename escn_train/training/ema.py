@@ -18,6 +18,8 @@ import copy
 import torch
 from torch import nn
 
+from escn_train.models.workspace import Workspace
+
 
 class ExponentialMovingAverage(nn.Module):
     """EMA copy of ``module`` (``self.module``) and its update rule."""
@@ -28,7 +30,10 @@ class ExponentialMovingAverage(nn.Module):
             raise ValueError(f"ema.decay: must lie in [0, 1), got {decay}")
         self.decay = float(decay)
         self.warmup = bool(warmup)
-        self.module = copy.deepcopy(module)
+        # The model's kept inference buffers are caches that training and validation never
+        # use at the same time: the copy shares them instead of holding a second set.
+        shared = {id(w): w for w in (getattr(m, "workspace", None) for m in module.modules()) if isinstance(w, Workspace)}
+        self.module = copy.deepcopy(module, memo=shared)
         self.module.requires_grad_(False)
         self.module.eval()
         self.register_buffer("num_updates", torch.tensor(0, dtype=torch.long))
