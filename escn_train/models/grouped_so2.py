@@ -22,7 +22,9 @@ reordering.
 
 In training, :class:`_GroupedSO2` keeps only the edge features and the per-atom projections
 for backward and recomputes the gates and the first-layer outputs there (a small GEMM and
-the grouped products), instead of storing several [E, hidden] tensors per term.
+the grouped products), instead of storing several [E, hidden] tensors per term. Those
+intermediates, in forward and backward, are buffers kept between calls
+(:mod:`.workspace`): fresh ones would cost a page fault per 4 KB.
 """
 
 from __future__ import annotations
@@ -84,7 +86,8 @@ class MessageGeometry:
     workspace: Workspace = field(default_factory=Workspace)
 
     def scratch(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-        """The workspace's buffer ``name`` (outside autograd only: valid until its next use)."""
+        """The workspace's buffer ``name``, for values no autograd graph keeps (it is valid
+        until the next request for that name)."""
         return self.workspace.get(name, shape, like)
 
     def hidden(self, side: int, rows: torch.Tensor, per_atom: torch.Tensor, reuse: bool = False) -> torch.Tensor:
