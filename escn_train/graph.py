@@ -9,9 +9,13 @@ or edges.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import functools
+from collections.abc import Callable
+from typing import NamedTuple, TypeVar
 
 import torch
+
+_F = TypeVar("_F", bound=Callable)
 
 #: Pairs closer than this (squared, in Å^2) are an atom meeting itself, never an edge.
 SELF_DISTANCE_SQ = 1e-4
@@ -27,6 +31,22 @@ class PeriodicGraph(NamedTuple):
     neighbors: torch.Tensor  # [B] long: edges whose target lies in each structure
 
 
+def _without_autocast(fn: _F) -> _F:
+    """Run ``fn`` in its inputs' precision even under autocast (mixed-precision training):
+    a bf16 product of cell offsets and cell vectors is off by up to ~0.1 Å, which moves
+    edges across the cutoff and tilts every edge's frame."""
+
+    @functools.wraps(fn)
+    def wrapper(pos: torch.Tensor, *args, **kwargs):
+        if not torch.is_autocast_enabled(pos.device.type):
+            return fn(pos, *args, **kwargs)
+        with torch.autocast(pos.device.type, enabled=False):
+            return fn(pos, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+@_without_autocast
 def edge_vectors(
     pos: torch.Tensor,
     cell: torch.Tensor,
@@ -61,6 +81,7 @@ def _images_per_structure(cell: torch.Tensor, cutoff: float, pbc: torch.Tensor) 
     return torch.where(pbc, reps, torch.zeros_like(reps))
 
 
+@_without_autocast
 def radius_graph_pbc(
     pos: torch.Tensor,
     cell: torch.Tensor,

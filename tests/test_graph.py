@@ -125,3 +125,19 @@ def test_molecule_without_cell_and_slab_with_zero_vacuum_vector():
     assert sorted(map(tuple, slab.cell_offsets.tolist())) == [(-1, 0, 0), (0, -1, 0), (0, 1, 0), (1, 0, 0)]
     with pytest.raises(ValueError, match="singular cell"):
         radius_graph_pbc(pos, torch.zeros(1, 3, 3), torch.tensor([3]), 1.6, 100)
+
+
+def test_graph_and_edge_vectors_ignore_autocast():
+    """Mixed-precision training builds the graph inside autocast: it must stay in the
+    positions' precision (a bf16 cell product is off by up to ~0.1 Å)."""
+    pos, cell, natoms = _random_structures(7, [9, 14])
+    pos, cell = pos.float(), cell.float()
+    plain = radius_graph_pbc(pos, cell, natoms, 5.0, 30)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = radius_graph_pbc(pos, cell, natoms, 5.0, 30)
+        batch = torch.repeat_interleave(torch.arange(2), natoms)
+        distance, vec = edge_vectors(pos, cell, batch, plain.edge_index, plain.cell_offsets)
+    for a, b in zip(plain, mixed):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    assert vec.dtype == torch.float32 and torch.equal(vec, plain.edge_distance_vec)
+    assert torch.equal(distance, plain.edge_distance)
