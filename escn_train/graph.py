@@ -15,6 +15,8 @@ from typing import NamedTuple, TypeVar
 
 import torch
 
+from escn_train.precision import autocast_off
+
 _F = TypeVar("_F", bound=Callable)
 
 #: Pairs closer than this (squared, in Å^2) are an atom meeting itself, never an edge.
@@ -38,9 +40,7 @@ def _without_autocast(fn: _F) -> _F:
 
     @functools.wraps(fn)
     def wrapper(pos: torch.Tensor, *args, **kwargs):
-        if not torch.is_autocast_enabled(pos.device.type):
-            return fn(pos, *args, **kwargs)
-        with torch.autocast(pos.device.type, enabled=False):
+        with autocast_off(pos):
             return fn(pos, *args, **kwargs)
 
     return wrapper  # type: ignore[return-value]

@@ -9,7 +9,6 @@ graph from a PyG batch first.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Any, NamedTuple
 
@@ -38,6 +37,7 @@ from escn_train.models.grouped_so2 import (
 from escn_train.models.so3 import SO3_Grid, CoefficientMapping, WignerCalculator, coefficient_idx
 from escn_train.models.smearing import GaussianSmearing, make_distance_expansion
 from escn_train.models.workspace import Workspace
+from escn_train.precision import autocast_off, float32
 
 #: Edges shorter than this (Å) have no direction: the frame and the physics break down.
 MIN_EDGE_LENGTH = 1e-4
@@ -48,18 +48,6 @@ _REFERENCE_CONSTANT_MARKERS = ("SO3_grid.", "mappingReduced.", "Jd_", "SO3_edge_
 
 def _tracing() -> bool:
     return torch.compiler.is_compiling() or torch.compiler.is_exporting()
-
-
-def _float32_region(x: torch.Tensor) -> contextlib.AbstractContextManager:
-    """Autocast off while it is on: Wigner rotations and grid projections lose equivariance
-    and accuracy in bf16/fp16, so mixed-precision runs keep them in float32."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.autocast(x.device.type, enabled=False)
-    return contextlib.nullcontext()
-
-
-def _float32(x: torch.Tensor) -> torch.Tensor:
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 #: Grid values per block of the S2-grid stage: 512 KB, so each block's grid stays in a
@@ -470,8 +458,8 @@ class eSCN(nn.Module):  # noqa: N801 - the reference's public name
         error, which shrinks as ``num_sphere_samples`` grows (as in the reference).
         """
         # Averages over sphere points cancel heavily: float32 always.
-        with _float32_region(x):
-            x_pt = torch.einsum("abc,pb->apc", _float32(x), self.sphharm_weights)
+        with autocast_off(x):
+            x_pt = torch.einsum("abc,pb->apc", float32(x), self.sphharm_weights)
             node_energy = self.energy_block(x_pt)
             energy = torch.zeros(num_structures, dtype=node_energy.dtype, device=node_energy.device)
             energy = energy.index_add(0, batch_idx, node_energy) * 0.001
@@ -592,13 +580,13 @@ class LayerBlock(nn.Module):
             geometry=geometry, degree_zero_input=degree_zero_input,
         )
         grid = self.SO3_grid["lmax_lmax"]
-        with _float32_region(x):
-            x_grid = torch.cat([grid.to_grid_flat(_float32(x)), grid.to_grid_flat(_float32(x_message))], dim=-1)
+        with autocast_off(x):
+            x_grid = torch.cat([grid.to_grid_flat(float32(x)), grid.to_grid_flat(float32(x_message))], dim=-1)
         x_grid = self.act(self.fc1_sphere(x_grid))
         x_grid = self.act(self.fc2_sphere(x_grid))
         x_grid = self.fc3_sphere(x_grid)
-        with _float32_region(x_grid):
-            return grid.from_grid_flat(_float32(x_grid))
+        with autocast_off(x_grid):
+            return grid.from_grid_flat(float32(x_grid))
 
 
 class MessageBlock(nn.Module):
@@ -694,9 +682,9 @@ class MessageBlock(nn.Module):
             geometry, terms, self.row_offsets, self.sphere_channels, x_edge, torch.cat([p.gate_weight for p in params]),
             torch.cat([p.gate_bias for p in params]), projections, [p.second for p in params],
         )
-        with _float32_region(y):
+        with autocast_off(y):
             back = RotationBack(geometry.back_rows, geometry.groups[1], x.shape[0], geometry.workspace)
-            return grid_silu(_float32(y), self.grid_to, self.grid_from, back)
+            return grid_silu(float32(y), self.grid_to, self.grid_from, back)
 
     def geometry(self, wigner: torch.Tensor, edge_index: torch.Tensor, num_atoms: int) -> MessageGeometry:
         """The per-graph constants of the grouped computation (see :class:`MessageGeometry`)."""
@@ -735,9 +723,9 @@ class MessageBlock(nn.Module):
         source, target = edge_index[0], edge_index[1]
         rotation = wigner.index_select(1, self.rotation_rows)
         row_sizes = [self.m_size[0]] + [2 * size for size in self.m_size[1:]]
-        with _float32_region(x):
+        with autocast_off(x):
             rotated = [
-                torch.bmm(rotation, _float32(x).index_select(0, index)).split(row_sizes, dim=1) for index in (source, target)
+                torch.bmm(rotation, float32(x).index_select(0, index)).split(row_sizes, dim=1) for index in (source, target)
             ]
         params = [self._term_parameters(t) for t in self.terms]
 
@@ -752,8 +740,8 @@ class MessageBlock(nn.Module):
             self.terms, self.row_offsets, self.sphere_channels, x_edge, torch.cat([p.gate_weight for p in params]),
             torch.cat([p.gate_bias for p in params]), hidden, [p.second for p in params], in_place=False,
         )
-        with _float32_region(y):
-            y = torch.matmul(self.grid_from, nn.functional.silu(torch.matmul(self.grid_to, _float32(y))))
+        with autocast_off(y):
+            y = torch.matmul(self.grid_from, nn.functional.silu(torch.matmul(self.grid_to, float32(y))))
             y = torch.bmm(rotation.transpose(1, 2), y)
         return y.new_zeros(x.shape[0], *y.shape[1:]).index_add(0, target, y)
 

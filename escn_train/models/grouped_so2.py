@@ -29,7 +29,6 @@ intermediates, in forward and backward, are buffers kept between calls
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field, replace
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -39,6 +38,7 @@ from torch import nn
 
 from escn_train.models.edge_groups import EdgeGroups
 from escn_train.models.workspace import Workspace
+from escn_train.precision import autocast_off, float32
 
 
 @dataclass(frozen=True)
@@ -324,8 +324,8 @@ def _forward(
     def hidden(t: int) -> torch.Tensor:
         term = terms[t]
         # Rotations stay in float32 under autocast (as everywhere in the model).
-        with _autocast_off(x_edge):
-            return geometry.hidden(term.side, _term_rows(geometry, term), _float32(projections[t]), in_place)
+        with autocast_off(x_edge):
+            return geometry.hidden(term.side, _term_rows(geometry, term), float32(projections[t]), in_place)
 
     out = gate_buffer = None
     if in_place:
@@ -348,16 +348,6 @@ def _term_gate(
         return nn.functional.silu(nn.functional.linear(x_edge, gate_weight[columns], gate_bias[columns]))
     pre = torch.addmm(gate_bias[columns], x_edge, gate_weight[columns].t(), out=buffer(term.width))
     return nn.functional.silu(pre, inplace=True)
-
-
-def _float32(x: torch.Tensor) -> torch.Tensor:
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
-
-def _autocast_off(x: torch.Tensor) -> contextlib.AbstractContextManager:
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.autocast(x.device.type, enabled=False)
-    return contextlib.nullcontext()
 
 
 class _GroupedSO2(torch.autograd.Function):

@@ -14,6 +14,8 @@ import torch
 from e3nn import o3
 from torch import nn
 
+from escn_train.precision import autocast_off
+
 
 def _as_int(value: int | list[int] | tuple[int, ...]) -> int:
     if isinstance(value, (list, tuple)):
@@ -196,10 +198,12 @@ class WignerCalculator(nn.Module):
         """[E, 3, 3] rotations -> [E, (lmax+1)^2, (lmax+1)^2] block-diagonal Wigner (no grad),
         always in the input's precision (autocast off: a bf16 product here would put bf16
         rounding into every rotation)."""
-        if torch.is_autocast_enabled(edge_rot_mat.device.type):
-            with torch.autocast(edge_rot_mat.device.type, enabled=False):
-                return self.forward(edge_rot_mat)
-        alpha, beta, gamma = _euler_angles(edge_rot_mat.detach())
+        with autocast_off(edge_rot_mat):
+            return self._matrices(edge_rot_mat.detach())
+
+    def _matrices(self, edge_rot_mat: torch.Tensor) -> torch.Tensor:
+        """Z(α) J Z(β) J Z(γ) for every degree at once, in the rotations' precision."""
+        alpha, beta, gamma = _euler_angles(edge_rot_mat)
 
         f = self.frequency.to(edge_rot_mat.dtype)
         mirror = self.mirror
