@@ -67,13 +67,10 @@ class EdgeGroups:
         empty[slot] = False
         return EdgeGroups(slot, empty.nonzero().view(-1), group_atom, size, num_groups, num_groups == num_atoms)
 
-    def empty_padded(self, values: torch.Tensor) -> torch.Tensor:
-        """An uninitialised [slots, *values.shape[1:]] buffer whose empty slots are zero."""
-        return values.new_empty(self.num_slots, *values.shape[1:]).index_fill_(0, self.empty_slots, 0)
-
     def pad(self, values: torch.Tensor) -> torch.Tensor:
         """[E, rows, cols] per-edge values -> [groups, size * rows, cols], zeros in empty slots."""
-        padded = self.empty_padded(values).index_copy_(0, self.slot, values)
+        padded = values.new_empty(self.num_slots, *values.shape[1:]).index_fill_(0, self.empty_slots, 0)
+        padded.index_copy_(0, self.slot, values)
         return padded.view(self.num_groups, self.size * values.shape[1], values.shape[2])
 
     def per_group(self, per_atom: torch.Tensor) -> torch.Tensor:

@@ -431,8 +431,7 @@ class eSCN(nn.Module):  # noqa: N801 - the reference's public name
         x[:, 0, :] = self.sphere_embedding(atomic_numbers)
         geometry = None
         if not _tracing() and self.layer_blocks and edge_index.shape[1] > 0:
-            geometry = self.layer_blocks[0].message_block.geometry(wigner, edge_index, num_atoms)
-            geometry.workspace = self.workspace
+            geometry = self.layer_blocks[0].message_block.geometry(wigner, edge_index, num_atoms, self.workspace)
         # Shared by every layer; per target slot on the grouped path. Eager and without
         # autograd through the distances, a Gaussian expansion keeps only its non-zero bands
         # (export and compile keep static shapes).
@@ -686,7 +685,9 @@ class MessageBlock(nn.Module):
             back = RotationBack(geometry.back_rows, geometry.groups[1], x.shape[0], geometry.workspace)
             return grid_silu(float32(y), self.grid_to, self.grid_from, back)
 
-    def geometry(self, wigner: torch.Tensor, edge_index: torch.Tensor, num_atoms: int) -> MessageGeometry:
+    def geometry(
+        self, wigner: torch.Tensor, edge_index: torch.Tensor, num_atoms: int, workspace: Workspace | None = None
+    ) -> MessageGeometry:
         """The per-graph constants of the grouped computation (see :class:`MessageGeometry`)."""
         return build_geometry(
             wigner,
@@ -695,6 +696,7 @@ class MessageBlock(nn.Module):
             [getattr(self, f"order_rows_index_{m}") for m in range(self.mmax + 1)],
             self.order_rows_shape,
             self.rotation_rows,
+            workspace,
         )
 
     def _term_parameters(self, term: Term) -> TermParameters:

@@ -29,7 +29,7 @@ intermediates, in forward and backward, are buffers kept between calls
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -51,6 +51,11 @@ class Term:
     rows_key: str  # "plain" or "swapped" (imaginary part of m > 0)
     gate_start: int  # first gate column in the stage's gate matrix
     width: int
+
+    @property
+    def gate_columns(self) -> slice:
+        """This term's rows of the stage's gate weights (columns of its gate matrix)."""
+        return slice(self.gate_start, self.gate_start + self.width)
 
 
 class TermParameters(NamedTuple):
@@ -83,7 +88,7 @@ class MessageGeometry:
     target_slot: torch.Tensor
     rows: tuple[dict[str, list[torch.Tensor]], dict[str, list[torch.Tensor]]]
     back_rows: torch.Tensor
-    workspace: Workspace = field(default_factory=Workspace)
+    workspace: Workspace
 
     def scratch(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         """The workspace's buffer ``name``, for values no autograd graph keeps (it is valid
@@ -151,8 +156,10 @@ def build_geometry(
     rows_index: list[torch.Tensor],
     rows_shape: list[tuple[int, int]],
     rotation_rows: torch.Tensor,
+    workspace: Workspace | None = None,
 ) -> MessageGeometry:
-    """:class:`MessageGeometry` of a graph (at least one edge) from its Wigner matrices [E, S, S]."""
+    """:class:`MessageGeometry` of a graph (at least one edge) from its Wigner matrices [E, S, S]
+    (``workspace``: the model's kept buffers; a fresh one when None)."""
     groups = (EdgeGroups.build(edge_index[0], num_atoms), EdgeGroups.build(edge_index[1], num_atoms))
     slot_edge = groups[1].slot_edges()
     source_slot = groups[0].slot.new_zeros(groups[1].num_slots).index_copy_(0, groups[1].slot, groups[0].slot)
@@ -168,7 +175,7 @@ def build_geometry(
         for g in groups
     )
     back_rows = groups[1].pad(wigner.index_select(1, rotation_rows))
-    return MessageGeometry(groups, slot_edge, source_slot, target_slot, rows, back_rows)
+    return MessageGeometry(groups, slot_edge, source_slot, target_slot, rows, back_rows, Workspace() if workspace is None else workspace)
 
 
 def imaginary_rows(rows: torch.Tensor) -> torch.Tensor:
@@ -343,7 +350,7 @@ def _term_gate(
 ) -> torch.Tensor:
     """SiLU of a term's gate pre-activations, [E, H] (term by term: no [E, all gates]
     buffer); computed in ``buffer(H)`` when given."""
-    columns = slice(term.gate_start, term.gate_start + term.width)
+    columns = term.gate_columns
     if buffer is None:
         return nn.functional.silu(nn.functional.linear(x_edge, gate_weight[columns], gate_bias[columns]))
     pre = torch.addmm(gate_bias[columns], x_edge, gate_weight[columns].t(), out=buffer(term.width))
@@ -384,7 +391,7 @@ class _GroupedSO2(torch.autograd.Function):
         for term, projection, second in zip(terms, projections, second_weights):
             rows = _term_rows(geometry, term)
             hidden = geometry.hidden(term.side, rows, projection, reuse=True)
-            columns = slice(term.gate_start, term.gate_start + term.width)
+            columns = term.gate_columns
             gate_shape = (x_edge.shape[0], term.width)
             pre = torch.addmm(gate_bias[columns], x_edge, gate_weight[columns].t(), out=buffer("gate_pre", gate_shape))
             gate = torch.ops.aten.silu.out(pre, out=buffer("gate", gate_shape)).unsqueeze(1)
