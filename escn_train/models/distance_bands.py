@@ -54,7 +54,7 @@ class DistanceBands:
         dist = dist.detach().reshape(-1)
         num_centres = smearing.num_output
         width = min(CENTRES_PER_BLOCK + 2 * smearing.band_half_width, num_centres)
-        nearest = torch.round((dist - smearing.start) / smearing.spacing).clamp_(0, num_centres - 1).to(torch.long)
+        nearest = smearing.nearest_centre(dist).clamp_(0, num_centres - 1)
         block = torch.div(nearest, CENTRES_PER_BLOCK, rounding_mode="floor")
         counts = torch.bincount(block, minlength=(num_centres - 1) // CENTRES_PER_BLOCK + 1)
         chunk_edges = min(CHUNK_EDGES, max(int(counts.max()), 1))

@@ -56,8 +56,7 @@ class GaussianSmearing(_FixedBasis):
             if shifted.requires_grad:
                 return torch.exp(self.coeff * shifted * shifted)
             return self._clipped_exp(shifted)
-        nearest = torch.round((dist.view(-1) - self.start) / self.spacing).to(torch.long)
-        first = (nearest - self.band_half_width).clamp_(0, self.num_output - band)
+        first = (self.nearest_centre(dist.view(-1)) - self.band_half_width).clamp_(0, self.num_output - band)
         columns = first.view(-1, 1) + torch.arange(band, device=dist.device)
         values = self.centre_values(dist.view(-1, 1), columns)
         return values.new_zeros(values.shape[0], self.num_output).scatter_(1, columns, values)
@@ -66,6 +65,10 @@ class GaussianSmearing(_FixedBasis):
         """forward(dist) without autograd through ``dist``, as :class:`DistanceBands`: the
         non-zero bands only, for a cheaper linear projection."""
         return DistanceBands.build(dist, self)
+
+    def nearest_centre(self, dist: torch.Tensor) -> torch.Tensor:
+        """Index of the centre nearest to each distance (outside [start, stop]: beyond the ends)."""
+        return torch.round((dist - self.start) / self.spacing).to(torch.long)
 
     def centre_values(self, dist: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
         """The Gaussians of centres ``columns`` at ``dist`` (broadcast together), exactly 0
