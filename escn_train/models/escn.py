@@ -50,6 +50,12 @@ def _tracing() -> bool:
     return torch.compiler.is_compiling() or torch.compiler.is_exporting()
 
 
+def _grouped(edge_index: torch.Tensor) -> bool:
+    """Whether message blocks take the grouped path (eager, at least one edge); otherwise
+    the per-edge one, whose static shapes export and compile trace."""
+    return not _tracing() and edge_index.shape[1] > 0
+
+
 #: Grid values per block of the S2-grid stage: 512 KB, so each block's grid stays in a
 #: core's L2 cache between the projection, the SiLU and the projection back (measured on
 #: the bench batch: 2^16..2^17 best, 2^20 ~10% slower on the tiny configuration).
@@ -430,7 +436,7 @@ class eSCN(nn.Module):  # noqa: N801 - the reference's public name
         )
         x[:, 0, :] = self.sphere_embedding(atomic_numbers)
         geometry = None
-        if not _tracing() and self.layer_blocks and edge_index.shape[1] > 0:
+        if self.layer_blocks and _grouped(edge_index):
             geometry = self.layer_blocks[0].message_block.geometry(wigner, edge_index, num_atoms, self.workspace)
         # Shared by every layer; per target slot on the grouped path. Eager and without
         # autograd through the distances, a Gaussian expansion keeps only its non-zero bands
@@ -657,7 +663,7 @@ class MessageBlock(nn.Module):
         m > 0 convolutions give exact zeros and are skipped (their parameters get exact
         zero gradients, as they would)."""
         source, target = edge_index[0], edge_index[1]
-        if _tracing() or edge_index.shape[1] == 0:
+        if not _grouped(edge_index):
             x_edge = self.edge_block(
                 edge_distance, atomic_numbers[source], atomic_numbers[target], expanded_distance=expanded_distance
             )
