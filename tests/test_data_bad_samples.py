@@ -8,6 +8,7 @@ from pathlib import Path
 import lmdb
 import numpy as np
 import pytest
+import torch
 
 from escn_train.data import LmdbDataModule, LmdbDataset
 from escn_train.data.checks import BadSample, BadSampleError, SampleChecker, SkippedBatch
@@ -57,7 +58,6 @@ CASES = {
     "undecodable": (b"\x80\x04not a pickle", r"key b'1'.*cannot unpickle"),
     "truncated": (pickle.dumps(good(1))[:40], r"key b'1'.*cannot unpickle"),
     "missing_pos": (with_(pos=None), r"key b'1'.*no 'pos' field"),
-    "missing_cell": (with_(cell=None), r"key b'1'.*no 'cell' field"),
     "missing_atomic_numbers": (with_(atomic_numbers=None), r"key b'1'.*no 'atomic_numbers' field"),
     "natoms_mismatch": (with_(natoms=7), r"key b'1'.*natoms=7 but pos has 4 rows"),
     "missing_energy": (with_(energy=None), r"key b'1'.*no 'energy' label"),
@@ -230,3 +230,130 @@ def test_data_error_message_recognises_data_errors_also_from_loader_workers(tmp_
     except KeyError as err:  # raised outside escn_train/data: not a data error, keeps its traceback
         assert data_error_message(err) is None
     assert data_error_message(RuntimeError("x")) is None
+
+
+# ------------------------------------------------------------- entries refused or altered
+def _read_bad(tmp_path: Path, entry: dict) -> str:
+    """The message of reading key b'1' (holding ``entry``) of a fresh file; checks run too."""
+    dataset = dataset_of(tmp_path, entry, neighbor_cutoff=6.0)
+    with pytest.raises(ValueError) as info:
+        dataset[1]
+    return str(info.value)
+
+
+ZERO_CELL = "[[0.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]"
+INDEPENDENT = ("expected linearly independent cell vectors along the periodic directions (for a molecule store "
+               "pbc false, or no cell)")
+EXACT = {
+    "singular_cell_pbc_true": (
+        with_(cell=np.zeros((3, 3), np.float32), pbc=np.array([True, True, True])),
+        f"field 'cell' is singular ({ZERO_CELL}) but pbc is [True, True, True]; {INDEPENDENT}",
+    ),
+    "singular_cell_pbc_not_stored": (
+        with_(cell=np.array([[5, 0, 0], [10, 0, 0], [0, 0, 5]], np.float32)),
+        "field 'cell' is singular ([[5.0, 0.0, 0.0], [10.0, 0.0, 0.0], [0.0, 0.0, 5.0]]) but pbc is not stored, "
+        f"so periodic in all three directions; {INDEPENDENT}",
+    ),
+    "slab_cell_missing_a_periodic_vector": (
+        with_(cell=np.diag([20.0, 0.0, 0.0]).astype(np.float32), pbc=np.array([True, True, False])),
+        "field 'cell' is singular ([[20.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]) but pbc is "
+        f"[True, True, False]; {INDEPENDENT}",
+    ),
+    "forces_n_by_1": (with_(forces=np.zeros((4, 1), np.float32)),
+                      "field 'forces' has shape (4, 1), expected (4, 3) (one row per atom)"),
+    "forces_n_by_6": (with_(forces=np.zeros((4, 6), np.float32)),
+                      "field 'forces' has shape (4, 6), expected (4, 3) (one row per atom)"),
+    "pos_n_by_6": (with_(pos=np.zeros((4, 6), np.float32)),
+                   "field 'pos' has shape (4, 6), expected (N, 3): one row per atom"),
+    "object_array": (with_(forces=np.zeros((4, 3)).astype(object)),
+                     "field 'forces' is a numpy array of Python objects (dtype object, shape (4, 3)); expected a "
+                     "numeric array (float [N, 3])"),
+    "object_array_extra_field": (with_(extra=np.array(["a", 1], dtype=object)),
+                                 "field 'extra' is a numpy array of Python objects (dtype object, shape (2,)); "
+                                 "expected a numeric array (numbers)"),
+    "fractional_atomic_number": (with_(atomic_numbers=np.array([1.0, 6.0, 29.4, 8.0])),
+                                 "field 'atomic_numbers' holds 29.4 at atom 2; expected whole numbers (integers "
+                                 "stored as floats, such as 29.0, are fine)"),
+    "fractional_float32_atomic_number": (with_(atomic_numbers=np.array([1.0, 6.5, 29.0, 8.0], np.float32)),
+                                         "field 'atomic_numbers' holds 6.5 at atom 1; expected whole numbers "
+                                         "(integers stored as floats, such as 29.0, are fine)"),
+    "fractional_fixed": (with_(fixed=np.array([0.0, 0.5, 1.0, 0.0])),
+                         "field 'fixed' holds 0.5 at atom 1; expected whole numbers (integers stored as floats, "
+                         "such as 29.0, are fine)"),
+    "pbc_without_cell": (with_(cell=None, pbc=np.array([True, True, True])),
+                         "entry has no 'cell' field but pbc is [True, True, True]; expected a 3x3 'cell' for a "
+                         "periodic structure (or pbc false for a molecule)"),
+}
+
+
+@pytest.mark.parametrize("case", list(EXACT))
+def test_bad_entry_exact_one_line_message(tmp_path, case):
+    entry, message = EXACT[case]
+    assert _read_bad(tmp_path, entry) == f"{tmp_path / 'd.lmdb'}, key b'1': {message}"
+
+
+def test_data_error_message_is_the_plain_line(tmp_path):
+    from escn_train.data.checks import data_error_message
+
+    dataset = dataset_of(tmp_path, EXACT["forces_n_by_6"][0])
+    with pytest.raises(ValueError) as info:
+        dataset[1]
+    assert data_error_message(info.value) == f"{tmp_path / 'd.lmdb'}, key b'1': {EXACT['forces_n_by_6'][1]}"
+
+
+def test_float_atomic_numbers_that_are_whole_are_read_as_integers(tmp_path):
+    dataset = dataset_of(tmp_path, with_(atomic_numbers=np.array([1.0, 6.0, 29.0, 8.0], np.float32)))
+    assert dataset[1].atomic_numbers.tolist() == [1, 6, 29, 8] and dataset[1].atomic_numbers.dtype == torch.long
+
+
+def test_molecule_without_cell_is_non_periodic(tmp_path):
+    dataset = dataset_of(tmp_path, with_(cell=None), neighbor_cutoff=6.0)
+    molecule = dataset[1]
+    assert torch.equal(molecule.cell, torch.zeros(1, 3, 3))
+    assert molecule.pbc.tolist() == [[False, False, False]]
+    # the graph has no periodic images: every edge offset is zero and distances are the plain ones
+    from escn_train.graph import radius_graph_pbc
+
+    graph = radius_graph_pbc(molecule.pos, molecule.cell, torch.tensor([4]), 6.0, 12, pbc=molecule.pbc)
+    assert graph.edge_index.shape[1] > 0 and not graph.cell_offsets.any()
+    # pbc stored false, no cell: the same
+    assert dataset_of(tmp_path, with_(cell=None, pbc=np.array([False] * 3)), name="e.lmdb")[1].pbc.tolist() == [
+        [False, False, False]
+    ]
+    # a slab may lack the vacuum vector along its non-periodic direction
+    slab = dataset_of(tmp_path, with_(cell=np.diag([20.0, 20.0, 0.0]).astype(np.float32),
+                                      pbc=np.array([True, True, False])), name="s.lmdb")[1]
+    assert slab.pbc.tolist() == [[True, True, False]]
+
+
+@pytest.mark.parametrize("length", [-2, 3.5, "three"])
+def test_bad_length_names_file_and_expected_value(tmp_path, length):
+    path = write_lmdb(tmp_path / "n.lmdb", {str(i).encode(): pickle.dumps(good(i)) for i in range(3)}, length=length)
+    with pytest.raises(ValueError) as info:
+        LmdbDataset(path)
+    assert str(info.value) == f"{path}: key b'length' holds {length!r}; expected the number of entries (an integer >= 0)"
+
+
+def test_whole_float_length_is_fine(tmp_path):
+    path = write_lmdb(tmp_path / "f.lmdb", {str(i).encode(): pickle.dumps(good(i)) for i in range(3)}, length=3.0)
+    assert len(LmdbDataset(path)) == 3
+
+
+def test_short_length_warns_once_naming_file_and_counts(tmp_path):
+    import warnings
+
+    path = write_lmdb(tmp_path / "short.lmdb", {str(i).encode(): pickle.dumps(good(i)) for i in range(5)}, length=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert len(LmdbDataset(path)) == 3
+        assert len(LmdbDataset(path)) == 3  # a second dataset over the same file: no second warning
+    messages = [str(w.message) for w in caught if "length" in str(w.message)]
+    assert messages == [
+        f"{path}: key b'length' says 3 entries but the file holds 5 numbered entries; only keys b'0'..b'2' are "
+        "read (fix 'length' to read them all)"
+    ]
+    exact = write_lmdb(tmp_path / "exact.lmdb", {str(i).encode(): pickle.dumps(good(i)) for i in range(3)}, length=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        LmdbDataset(exact)
+    assert not [w for w in caught if "length" in str(w.message)]

@@ -213,9 +213,9 @@ def test_key_mapping_clash_and_missing_field_are_named(tmp_path):
     path = write_raw_lmdb(tmp_path / "clash.lmdb", {b"0": pickle.dumps(entry)})
     with pytest.raises(ValueError, match=r"clash\.lmdb, key b'0'.*'y' to 'energy'"):
         LmdbDataset(path, key_mapping=OC20_MAPPING)[0]
-    no_cell = Data(pos=torch.zeros(2, 3), atomic_numbers=torch.ones(2))
-    path = write_raw_lmdb(tmp_path / "nocell.lmdb", {b"0": pickle.dumps(no_cell)})
-    with pytest.raises(KeyError, match=r"nocell\.lmdb, key b'0'.*no 'cell'"):
+    no_pos = Data(cell=torch.eye(3).view(1, 3, 3), atomic_numbers=torch.ones(2))
+    path = write_raw_lmdb(tmp_path / "nopos.lmdb", {b"0": pickle.dumps(no_pos)})
+    with pytest.raises(KeyError, match=r"nopos\.lmdb, key b'0'.*no 'pos'"):
         LmdbDataset(path)[0]
 
 

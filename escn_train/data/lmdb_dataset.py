@@ -111,18 +111,45 @@ def close_lmdb(path: Path) -> None:
         env.close()
 
 
+# Files whose short ``length`` was reported in this process (warned once per file).
+_WARNED_SHORT_LENGTH: set[Path] = set()
+
+
+def _entry_count(length: object, path: Path) -> int:
+    """The ``length`` value as an entry count: an integer >= 0 (3.0, a 1-element tensor or "3" are fine)."""
+    if isinstance(length, torch.Tensor) and length.numel() == 1:
+        length = length.item()
+    elif isinstance(length, (np.ndarray, np.generic)) and length.size == 1:
+        length = length.item()
+    elif isinstance(length, (str, bytes)) and length.strip().isdigit():
+        length = int(length)
+    whole = isinstance(length, int) or (isinstance(length, float) and length.is_integer())
+    if isinstance(length, bool) or not whole or length < 0:
+        raise ValueError(f"{path}: key b'length' holds {length!r}; expected the number of entries (an integer >= 0)")
+    return int(length)
+
+
+def _warn_if_length_is_short(txn: lmdb.Transaction, length: int, path: Path) -> None:
+    """Warn (once per file) when entries beyond ``length`` exist: they would be silently left out."""
+    if txn.get(str(length).encode("ascii")) is None or path.resolve() in _WARNED_SHORT_LENGTH:
+        return
+    _WARNED_SHORT_LENGTH.add(path.resolve())
+    stored = sum(1 for k in txn.cursor().iternext(keys=True, values=False) if k.isdigit())
+    warnings.warn(
+        f"{path}: key b'length' says {length} entries but the file holds {stored} numbered entries; "
+        f"only keys b'0'..b'{length - 1}' are read (fix 'length' to read them all)",
+        stacklevel=4,
+    )
+
+
 def _shard_keys(env: lmdb.Environment, path: Path) -> tuple[int, np.ndarray | None]:
     """Entry count of a shard and, when it has no ``length`` key, its sorted index keys."""
     with env.begin() as txn:
         raw = txn.get(_LENGTH_KEY)
         if raw is not None:
-            length = safe_loads(raw, f"{path}, key b'length'")
-            if isinstance(length, torch.Tensor):
-                length = length.item()
-            try:
-                return int(length), None
-            except (TypeError, ValueError):
-                raise ValueError(f"{path}: key b'length' holds {length!r}, not an entry count") from None
+            length = _entry_count(safe_loads(raw, f"{path}, key b'length'"), path)
+            _warn_if_length_is_short(txn, length, path)
+            return length, None
         keys = [int(k) for k in txn.cursor().iternext(keys=True, values=False) if k.isdigit()]
     keys.sort()
     if keys == list(range(len(keys))):
