@@ -21,6 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 def main(cfg: DictConfig) -> float | None:
     """Resolve the config to plain containers, train, and return the optimised metric."""
     from escn_train.training.config_checks import ConfigError
+    from escn_train.training.reliability import CheckpointWriteError
     from escn_train.training.run import run_training
 
     try:
@@ -32,6 +33,10 @@ def main(cfg: DictConfig) -> float | None:
         results = run_training(config, HydraConfig.get().runtime.output_dir)
     except ConfigError as err:
         raise SystemExit(f"invalid configuration: {err}") from None
+    except CheckpointWriteError as err:  # disk full etc.: the message names the file; earlier checkpoints are intact
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        raise SystemExit(str(err)) from None
     except Exception as err:  # bad input data: the message names file, key and problem; no traceback
         from escn_train.data.checks import data_error_message
 

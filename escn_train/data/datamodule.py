@@ -37,6 +37,11 @@ _SPLIT_KEYS = {"src", "subset", "subset_seed", "key_mapping"}
 _STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
 
 
+def is_absent_split(spec: SplitSpec) -> bool:
+    """``None``, or a mapping whose ``src`` is null (a preset's placeholder such as ``test: {src: null}``)."""
+    return spec is None or (isinstance(spec, Mapping) and spec.get("src") is None)
+
+
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # workers share the CPU with training; one thread each
 
@@ -98,7 +103,10 @@ class LmdbDataModule(L.LightningDataModule):
         self.min_distance = min_distance
         self.neighbor_cutoff = neighbor_cutoff
         self.skip_bad_samples = skip_bad_samples
-        self.splits = {"train": train, "val": val, "test": test, "predict": predict}
+        self.splits = {
+            name: None if is_absent_split(spec) else spec
+            for name, spec in {"train": train, "val": val, "test": test, "predict": predict}.items()
+        }
         for name, spec in self.splits.items():
             if isinstance(spec, Mapping):
                 unknown = set(spec) - _SPLIT_KEYS

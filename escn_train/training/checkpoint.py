@@ -16,6 +16,7 @@ A checkpoint is a Lightning checkpoint (``torch.save`` dict) with plain contents
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -27,18 +28,43 @@ from escn_train.models.potential import ESCNPotential
 
 POTENTIAL_PREFIX = "potential."
 EMA_PREFIX = "ema.module."
+#: eSCN arguments that do not change the weights (how the model runs, not what it is).
+RUNTIME_MODEL_KEYS = ("compile", "export")
 
 
-def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """The checkpoint dict, loaded with ``weights_only=True``; errors name the file."""
+def read_checkpoint(
+    path: str | os.PathLike, map_location: str | torch.device = "cpu", mmap: bool = False
+) -> dict[str, Any]:
+    """The checkpoint dict, loaded with ``weights_only=True``; errors name the file.
+
+    ``mmap=True`` maps the tensors instead of reading them (for a quick look at the metadata).
+    """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     if not isinstance(checkpoint, Mapping) or "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
         raise ValueError(f"{path}: not an escn-train checkpoint (expected 'state_dict' and 'hyper_parameters')")
     if "model" not in checkpoint["hyper_parameters"]:
         raise ValueError(f"{path}: hyper_parameters has no 'model' (eSCN arguments)")
     return checkpoint
+
+
+def model_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """``model.KEY is X here but Y in the checkpoint`` for each eSCN argument that differs.
+
+    Arguments left out on either side count as eSCN's default; runtime switches
+    (:data:`RUNTIME_MODEL_KEYS`) are ignored.
+    """
+    defaults = {
+        name: p.default for name, p in inspect.signature(eSCN.__init__).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+    out = []
+    for key in sorted((set(saved) | set(current)) - set(RUNTIME_MODEL_KEYS)):
+        here, there = current.get(key, defaults.get(key)), saved.get(key, defaults.get(key))
+        if here != there:
+            out.append(f"model.{key} is {here!r} here but {there!r} in the checkpoint")
+    return out
 
 
 def potential_state_dict(checkpoint: Mapping[str, Any], use_ema: bool = True) -> dict[str, torch.Tensor]:
@@ -75,15 +101,9 @@ def init_module_from_checkpoint(module: torch.nn.Module, path: str | os.PathLike
     and the EMA history start anew. The architectures must match.
     """
     checkpoint = read_checkpoint(path)
-    saved = dict(checkpoint["hyper_parameters"]["model"])
-    current = dict(module.hparams["model"])
-    for key in set(saved) | set(current):
-        if key in ("compile", "export"):
-            continue
-        if saved.get(key) != current.get(key):
-            raise ValueError(
-                f"init_from={path}: model.{key} is {current.get(key)!r} here but {saved.get(key)!r} in the checkpoint"
-            )
+    differences = model_differences(checkpoint["hyper_parameters"]["model"], module.hparams["model"])
+    if differences:
+        raise ValueError(f"init_from={path}: {'; '.join(differences)}")
     saved_scale = float((checkpoint.get("normalizers") or {}).get("energy_scale", 1.0))
     if saved_scale != module.energy_scale:
         raise ValueError(

@@ -1,18 +1,22 @@
 """Early validation of a run configuration (a plain dict), with errors that name the key.
 
 Runs before any data is read, so a typo such as ``loss.forces.type=l3`` or
-``model.mmax=5`` fails in a second with a message pointing at the setting, instead of
-after the dataset scan or deep inside a constructor.
+``model.mmax=5``, or ``trainer=ddp trainer.devices=8`` on a machine without GPUs, fails in
+a second with a message pointing at the setting, instead of after the dataset scan or deep
+inside a constructor.
 """
 
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import nn
 
+from escn_train.data.datamodule import is_absent_split
 from escn_train.models.escn import eSCN
 from escn_train.models.smearing import DISTANCE_FUNCTIONS
 from escn_train.training.losses import EnergyForceLoss, LossConfigError
@@ -66,6 +70,50 @@ def check_model(model: Mapping[str, Any]) -> None:
         raise ConfigError("model.export: must be false for training (export is for the deployed model)")
 
 
+def _requested_devices(devices: Any) -> tuple[int, int] | None:
+    """(count, highest index + 1) that ``trainer.devices`` asks for; None for "auto" / -1 (all)."""
+    if isinstance(devices, str):
+        text = devices.strip()
+        if text in ("auto", "-1"):
+            return None
+        if "," in text:
+            devices = [int(part) for part in text.split(",") if part.strip()]
+        elif text.lstrip("-").isdigit():
+            devices = int(text)
+        else:
+            raise ConfigError(f"trainer.devices: expected a count, a list of indices or auto, got {devices!r}")
+    if isinstance(devices, bool):
+        raise ConfigError(f"trainer.devices: expected a count, a list of indices or auto, got {devices!r}")
+    if isinstance(devices, int):
+        return None if devices == -1 else (devices, devices)
+    if isinstance(devices, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in devices):
+        return len(devices), max(devices, default=-1) + 1
+    raise ConfigError(f"trainer.devices: expected a count, a list of indices or auto, got {devices!r}")
+
+
+def check_devices(trainer: Mapping[str, Any]) -> None:
+    """``trainer.accelerator`` / ``trainer.devices`` against the GPUs of this machine (before any data is read)."""
+    accelerator = str(trainer.get("accelerator", "auto")).lower()
+    devices = trainer.get("devices", "auto")
+    if accelerator not in ("gpu", "cuda"):
+        return  # cpu: processes, not devices; auto: Lightning picks what is there
+    available = torch.cuda.device_count()
+    if available == 0 and accelerator == "gpu" and torch.backends.mps.is_available():
+        available = 1  # Lightning's "gpu" is the Apple GPU there
+    if available == 0:
+        raise ConfigError(
+            f"trainer.accelerator: {trainer.get('accelerator')!r} (with trainer.devices={devices}) needs a GPU, but "
+            f"this machine has none (torch.cuda.device_count() = 0; {os.cpu_count()} CPU cores); use "
+            "trainer.accelerator=cpu, e.g. trainer=ddp trainer.accelerator=cpu trainer.devices=2"
+        )
+    requested = _requested_devices(devices)
+    if requested is not None and (requested[0] > available or requested[1] > available):
+        raise ConfigError(
+            f"trainer.devices: {devices!r} asks for GPU(s) this machine does not have: it has {available} "
+            f"(indices 0..{available - 1}); set trainer.devices={available} or fewer"
+        )
+
+
 def check_config(cfg: Mapping[str, Any]) -> None:
     """Validate a resolved run configuration; raises :class:`ConfigError` naming the key."""
     check_model(cfg.get("model", {}))
@@ -90,10 +138,10 @@ def check_config(cfg: Mapping[str, Any]) -> None:
         raise ConfigError(f"trainer.precision: {precision!r} is not one of {', '.join(map(str, PRECISIONS))}")
     if trainer.get("accelerator") == "cpu" and precision in ("16-mixed", "16-true"):
         raise ConfigError(f"trainer.precision: {precision} needs a GPU; use bf16-mixed or 32-true on CPU")
+    check_devices(trainer)
     data = cfg.get("data") or {}
     for split in ("train", "val"):
-        spec = data.get(split)
-        if spec is None:
+        if is_absent_split(data.get(split)):
             raise ConfigError(f"data.{split}: a {split} split is required for training")
     normalizer = cfg.get("normalizer") or {}
     for key in ("energy_std", "force_std"):

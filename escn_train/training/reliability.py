@@ -2,7 +2,8 @@
 
 * :class:`AtomicCheckpointIO`: checkpoints are written to a temporary file in the target
   directory, flushed and fsync'ed, then moved over the target with ``os.replace``; a kill
-  during a save leaves the previous file intact.
+  during a save leaves the previous file intact. A failed write (disk full, quota) removes
+  the temporary and raises :class:`CheckpointWriteError`, one line naming the file.
 * :class:`NonFiniteGuard`: a training step whose loss or gradients are not finite is
   skipped (gradients dropped before clipping and the optimizer step), counted and logged
   as ``train/skipped_steps``; after ``max_consecutive`` skipped steps in a row training
@@ -42,23 +43,53 @@ LAST_NAME = "last.ckpt"
 
 
 # ------------------------------------------------------------------------ atomic writes
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, quota, permissions); the previous file is intact."""
+
+
+def _os_error_in_chain(err: BaseException) -> OSError | None:
+    """The first ``OSError`` among ``err`` and the exceptions it was raised from or during.
+
+    A failed write inside ``torch.save`` surfaces as torch's zip-writer ``RuntimeError``
+    raised while handling the ``OSError`` (e.g. ENOSPC) that caused it.
+    """
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to ``path`` through a fsync'ed temporary file and ``os.replace``."""
+    """``torch.save`` to ``path`` through a fsync'ed temporary file and ``os.replace``.
+
+    A failed write raises :class:`CheckpointWriteError` (one line: the file, the reason and
+    whether an earlier version of it is kept) instead of torch's chained errors.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise CheckpointWriteError(f"cannot write checkpoint {path}: {err.strerror or err}") from None
     try:
         with os.fdopen(fd, "wb") as handle:
             torch.save(obj, handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         try:
             os.unlink(tmp)
         except OSError:
             pass
-        raise
+        cause = _os_error_in_chain(err) if isinstance(err, (OSError, RuntimeError)) else None
+        if cause is None:
+            raise
+        kept = f"previous {path.name} kept" if path.exists() else "nothing was written"
+        raise CheckpointWriteError(f"cannot write checkpoint {path}: {cause.strerror or cause} ({kept})") from None
     try:  # make the rename itself durable
         dir_fd = os.open(path.parent, os.O_RDONLY)
         try:

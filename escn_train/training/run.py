@@ -11,6 +11,7 @@ import json
 import warnings
 import math
 import os
+import pickle
 import time
 import uuid
 from collections.abc import Mapping
@@ -22,7 +23,8 @@ import torch
 from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from escn_train.training.checkpoint import init_module_from_checkpoint, read_checkpoint
+from escn_train.data.datamodule import is_absent_split
+from escn_train.training.checkpoint import init_module_from_checkpoint, model_differences, read_checkpoint
 from escn_train.training.config_checks import ConfigError, check_config
 from escn_train.training.module import PotentialModule
 from escn_train.training.reliability import (
@@ -86,6 +88,24 @@ def resolve_ckpt_path(cfg: Mapping[str, Any], run_dir: Path) -> str | None:
         if candidates:
             return str(max(candidates, key=lambda path: path.stat().st_mtime_ns))
     return None
+
+
+def check_resume_model(ckpt_path: str, model: Mapping[str, Any], option: str) -> None:
+    """Refuse, before any data is read, a checkpoint to resume whose network differs from ``model``.
+
+    Lightning would only find out after the data set-up, with a list of missing and
+    unexpected state-dict keys; this names each differing eSCN argument in one line.
+    """
+    try:
+        checkpoint = read_checkpoint(ckpt_path, mmap=True)
+    except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as err:
+        raise ConfigError(f"{option}: cannot resume from {ckpt_path}: {err}") from None
+    differences = model_differences(checkpoint["hyper_parameters"]["model"], model)
+    if differences:
+        raise ConfigError(
+            f"{option}: {ckpt_path} holds a different model: {'; '.join(differences)} "
+            "(resume with the checkpoint's model settings)"
+        )
 
 
 def _wandb_has_credentials() -> bool:
@@ -260,9 +280,11 @@ def _run_training(cfg: Mapping[str, Any], run_dir: Path, started: float, early: 
         torch.set_num_threads(int(cfg["threads"]))
     L.seed_everything(int(cfg.get("seed", 0)), workers=True, verbose=False)
 
+    ckpt_path = resolve_ckpt_path(cfg, run_dir)
+    if ckpt_path:
+        check_resume_model(ckpt_path, cfg["model"], "ckpt_path" if cfg.get("ckpt_path") else "resume=auto")
     datamodule = build_datamodule(cfg["data"])
     module = build_module(cfg)
-    ckpt_path = resolve_ckpt_path(cfg, run_dir)
     if cfg.get("init_from"):
         init_module_from_checkpoint(module, cfg["init_from"])
     run_info: dict[str, Any] = {"run_dir": str(run_dir)}
@@ -314,7 +336,7 @@ def _run_training(cfg: Mapping[str, Any], run_dir: Path, started: float, early: 
     best_path = checkpoint_cb.best_model_path if checkpoint_cb is not None else ""
     if checkpoint_cb is not None and checkpoint_cb.best_model_score is not None:
         results[f"best/{checkpoint_cb.monitor}"] = float(checkpoint_cb.best_model_score)
-    if cfg.get("test_after_fit", True) and (cfg["data"].get("test") is not None):
+    if cfg.get("test_after_fit", True) and not is_absent_split(cfg["data"].get("test")):
         tested = trainer.test(module, datamodule=datamodule, ckpt_path=best_path or None, verbose=True)
         for entry in tested:
             results.update(_plain_metrics(entry))
