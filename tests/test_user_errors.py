@@ -352,3 +352,15 @@ def test_readme_lmdb_line_trains_on_older_oc20_files(tmp_path):
 
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["global_step"] == 3 and np.isfinite(metrics["test/forces_mae"])
+
+
+def test_a_split_placeholder_with_null_src_is_no_split():
+    from escn_train.data import LmdbDataModule
+    from escn_train.data.datamodule import is_absent_split
+
+    assert is_absent_split(None) and is_absent_split({"src": None, "subset": None})
+    assert not is_absent_split({"path": "x"}) and not is_absent_split("a.lmdb")  # a typo stays an error
+    dm = LmdbDataModule(train="a.lmdb", val="b.lmdb", test={"src": None, "subset": None})
+    assert dm.splits["test"] is None
+    with pytest.raises(ValueError, match="no 'test' split"):
+        dm.test_dataloader()

@@ -39,7 +39,7 @@ _STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",
 
 def is_absent_split(spec: SplitSpec) -> bool:
     """``None``, or a mapping whose ``src`` is null (a preset's placeholder such as ``test: {src: null}``)."""
-    return spec is None or (isinstance(spec, Mapping) and spec.get("src") is None)
+    return spec is None or (isinstance(spec, Mapping) and "src" in spec and spec["src"] is None)
 
 
 def _worker_init(_: int) -> None:
