@@ -33,6 +33,7 @@ Errors name the entry (file and key), the field and what was expected, in one li
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -176,19 +177,29 @@ def check_cell(cell: torch.Tensor, pbc: torch.Tensor | None, source: str) -> Non
     may have zero vectors along its non-periodic directions; a periodic direction needs a
     cell vector independent of the other periodic ones (non-zero volume, area or length).
     """
-    periodic = torch.ones(3, dtype=torch.bool) if pbc is None else pbc.reshape(3)
-    if not bool(periodic.any()):
+    periodic = [True, True, True] if pbc is None else pbc.reshape(3).tolist()
+    rows = cell.reshape(3, 3).tolist()  # Python floats: a 3x3 is cheaper here than tensor ops
+    if _spanned_volume([row for row, p in zip(rows, periodic) if p]) >= _MIN_PERIODIC_VOLUME:
         return
-    vectors = cell.reshape(3, 3).to(torch.float64)[periodic]
-    volume = float(torch.linalg.det(vectors @ vectors.T).clamp_min(0.0).sqrt())
-    if volume >= _MIN_PERIODIC_VOLUME:
-        return
-    where = "not stored, so periodic in all three directions" if pbc is None else str(periodic.tolist())
-    rows = [[round(float(x), 6) for x in row] for row in cell.reshape(3, 3).tolist()]
+    where = "not stored, so periodic in all three directions" if pbc is None else str(periodic)
+    rows = [[round(x, 6) for x in row] for row in rows]
     raise ValueError(
         f"{source}: field 'cell' is singular ({rows}) but pbc is {where}; expected linearly independent cell "
         "vectors along the periodic directions (for a molecule store pbc false, or no cell)"
     )
+
+
+def _spanned_volume(vectors: list[list[float]]) -> float:
+    """Volume (3 vectors), area (2) or length (1) spanned by 3-vectors; inf for none."""
+    if not vectors:
+        return math.inf
+    if len(vectors) == 1:
+        return math.sqrt(sum(x * x for x in vectors[0]))
+    (a1, a2, a3), (b1, b2, b3) = vectors[0], vectors[1]
+    cross = (a2 * b3 - a3 * b2, a3 * b1 - a1 * b3, a1 * b2 - a2 * b1)
+    if len(vectors) == 2:
+        return math.sqrt(sum(x * x for x in cross))
+    return abs(sum(c * x for c, x in zip(cross, vectors[2])))
 
 
 def _per_atom(value: Any, name: str, shape: tuple[int, ...], source: str, dtype: torch.dtype) -> torch.Tensor:
