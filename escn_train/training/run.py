@@ -24,6 +24,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from escn_train.training.checkpoint import init_module_from_checkpoint, read_checkpoint
 from escn_train.training.config_checks import ConfigError, check_config
+from escn_train.training.lightning_logging import configure_lightning_logging
 from escn_train.training.module import PotentialModule
 from escn_train.training.reliability import (
     AtomicCheckpointIO,
@@ -136,16 +137,25 @@ def build_loggers(
     return out
 
 
-def build_callbacks(callbacks: Mapping[str, Any] | None) -> list[L.Callback]:
-    """Instantiate the named callbacks (``None`` entries are switched off)."""
+def build_callbacks(callbacks: Mapping[str, Any] | None, enable_progress_bar: bool = True) -> list[L.Callback]:
+    """Instantiate the named callbacks (``None`` entries are switched off).
+
+    With ``enable_progress_bar=False`` (``trainer.enable_progress_bar=false``) progress-bar
+    callbacks are left out: Lightning refuses a progress bar it was told not to show.
+    """
+    from lightning.pytorch.callbacks import ProgressBar
+
     out = []
     for name, spec in (callbacks or {}).items():
         if spec is None:
             continue
         try:
-            out.append(instantiate(dict(spec), _convert_="all"))
+            callback = instantiate(dict(spec), _convert_="all")
         except Exception as err:
             raise ConfigError(f"callbacks.{name}: could not be created: {err}") from err
+        if isinstance(callback, ProgressBar) and not enable_progress_bar:
+            continue
+        out.append(callback)
     return out
 
 
@@ -221,6 +231,7 @@ def run_training(cfg: Mapping[str, Any], run_dir: str | os.PathLike) -> dict[str
     """Fit (and test) according to ``cfg``; returns the metrics written to ``metrics.json``."""
     started = time.perf_counter()
     run_dir = Path(run_dir)
+    configure_lightning_logging()
     check_config(cfg)
     # SIGTERM / SIGUSR1 from here on are remembered, not fatal (README "Reliability", Signals).
     early = EarlySignals().install() if _check_reliability(cfg.get("reliability")).get("handle_signals", True) else None
@@ -269,9 +280,9 @@ def _run_training(cfg: Mapping[str, Any], run_dir: Path, started: float, early: 
     loggers = build_loggers(cfg.get("logger"), run_dir, ckpt_path, run_info)
     module.run_info.update(run_info)
     module.run_config = dict(cfg)  # stored in checkpoints as "config"
-    callbacks = build_callbacks(cfg.get("callbacks"))
-    reliability_callbacks, plugins = build_reliability(cfg.get("reliability"), early)
     trainer_kwargs = dict(cfg.get("trainer") or {})
+    callbacks = build_callbacks(cfg.get("callbacks"), bool(trainer_kwargs.get("enable_progress_bar", True)))
+    reliability_callbacks, plugins = build_reliability(cfg.get("reliability"), early)
     plugins = list(trainer_kwargs.pop("plugins", None) or []) + plugins
     trainer = L.Trainer(
         **trainer_kwargs,
