@@ -13,7 +13,7 @@ import math
 import os
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,12 @@ import torch
 from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from escn_train.training.checkpoint import init_module_from_checkpoint, read_checkpoint
+from escn_train.training.checkpoint import (
+    CheckpointMismatchError,
+    init_from_settings,
+    init_module_from_checkpoint,
+    read_checkpoint,
+)
 from escn_train.training.config_checks import ConfigError, check_config
 from escn_train.training.lightning_logging import configure_lightning_logging
 from escn_train.training.module import PotentialModule
@@ -87,6 +92,28 @@ def resolve_ckpt_path(cfg: Mapping[str, Any], run_dir: Path) -> str | None:
         if candidates:
             return str(max(candidates, key=lambda path: path.stat().st_mtime_ns))
     return None
+
+
+def with_init_from_settings(cfg: Mapping[str, Any], explicit_keys: Collection[str] = ()) -> dict[str, Any]:
+    """``cfg`` with the model arguments and normaliser settings of its ``init_from`` checkpoint,
+    except the keys set explicitly (see :func:`~escn_train.training.checkpoint.init_from_settings`).
+    ``data.neighbor_cutoff`` follows a changed ``model.cutoff`` unless set explicitly."""
+    cfg = dict(cfg)
+    try:
+        model, normalizer, notes = init_from_settings(
+            cfg["init_from"], cfg["model"], cfg.get("normalizer") or {}, explicit_keys
+        )
+    except CheckpointMismatchError as err:
+        raise ConfigError(str(err)) from None
+    data = dict(cfg["data"])
+    old_cutoff = cfg["model"].get("cutoff")
+    if data.get("neighbor_cutoff") == old_cutoff and "data.neighbor_cutoff" not in explicit_keys:
+        data["neighbor_cutoff"] = model.get("cutoff", old_cutoff)
+    cfg.update(model=model, normalizer=normalizer, data=data)
+    check_config(cfg)
+    if notes and int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0:
+        print(f"init_from={cfg['init_from']}: " + "; ".join(notes), flush=True)
+    return cfg
 
 
 def _wandb_has_credentials() -> bool:
@@ -227,16 +254,24 @@ def format_summary(metrics: Mapping[str, float]) -> str:
 
 
 # ---------------------------------------------------------------------------------- main
-def run_training(cfg: Mapping[str, Any], run_dir: str | os.PathLike) -> dict[str, Any]:
-    """Fit (and test) according to ``cfg``; returns the metrics written to ``metrics.json``."""
+def run_training(
+    cfg: Mapping[str, Any], run_dir: str | os.PathLike, explicit_keys: Collection[str] = ()
+) -> dict[str, Any]:
+    """Fit (and test) according to ``cfg``; returns the metrics written to ``metrics.json``.
+
+    ``explicit_keys``: dotted keys the user set explicitly (``train.py`` passes its command-line
+    ``key=value`` overrides); with ``init_from`` they win over the checkpoint's settings.
+    """
     started = time.perf_counter()
     run_dir = Path(run_dir)
     configure_lightning_logging()
     check_config(cfg)
+    if cfg.get("init_from"):
+        cfg = with_init_from_settings(cfg, explicit_keys)
     # SIGTERM / SIGUSR1 from here on are remembered, not fatal (README "Reliability", Signals).
     early = EarlySignals().install() if _check_reliability(cfg.get("reliability")).get("handle_signals", True) else None
     try:
-        return _run_training(cfg, run_dir, started, early)
+        return _run_training(cfg, run_dir, started, early, explicit_keys)
     finally:
         if early is not None:
             early.uninstall()
@@ -266,7 +301,9 @@ def _stopped_before_training(early: EarlySignals, ckpt_path: str | None, run_dir
     return results
 
 
-def _run_training(cfg: Mapping[str, Any], run_dir: Path, started: float, early: EarlySignals | None) -> dict[str, Any]:
+def _run_training(
+    cfg: Mapping[str, Any], run_dir: Path, started: float, early: EarlySignals | None, explicit_keys: Collection[str] = ()
+) -> dict[str, Any]:
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg["threads"]))
     L.seed_everything(int(cfg.get("seed", 0)), workers=True, verbose=False)
@@ -275,7 +312,10 @@ def _run_training(cfg: Mapping[str, Any], run_dir: Path, started: float, early: 
     module = build_module(cfg)
     ckpt_path = resolve_ckpt_path(cfg, run_dir)
     if cfg.get("init_from"):
-        init_module_from_checkpoint(module, cfg["init_from"])
+        try:
+            init_module_from_checkpoint(module, cfg["init_from"], explicit=explicit_keys)
+        except CheckpointMismatchError as err:
+            raise ConfigError(str(err)) from None
     run_info: dict[str, Any] = {"run_dir": str(run_dir)}
     loggers = build_loggers(cfg.get("logger"), run_dir, ckpt_path, run_info)
     module.run_info.update(run_info)
