@@ -7,9 +7,12 @@
 
     model = ESCNTorchSimModel("runs/best.ckpt", device="cuda")          # or .pt2, a converted fairchem file
     state = ts.io.atoms_to_state(list_of_atoms, model.device, model.dtype)
-    relaxed = ts.optimize(state, model, optimizer=ts.Optimizer.fire,
-                          convergence_fn=ts.generate_force_convergence_fn(force_tol=0.05),
-                          autobatcher=True)
+    batcher = ts.InFlightAutoBatcher(model, max_memory_scaler=4096, memory_scales_with="n_atoms")
+    relaxed = ts.optimize(state, model, optimizer=ts.optimizers.fire, autobatcher=batcher,
+                          convergence_fn=ts.generate_force_convergence_fn(0.05, include_cell_forces=False))
+
+(TorchSim 0.3 API. ``autobatcher=True`` sizes batches from the GPU memory a trial run takes;
+on CPU give ``max_memory_scaler``, the number of atoms per batch.)
 
 Install with ``pip install -e ".[torchsim]"`` (package ``torch-sim-atomistic``).
 
