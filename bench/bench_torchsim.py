@@ -16,7 +16,8 @@ the same process after a warm-up; throughput = structures / wall time.
 
 Model: ``--checkpoint`` (any file load_predictor opens), or by default the escn_tiny
 architecture fitted for ``--fit-steps`` Adam steps to the EMT labels of ``data/demo/train.lmdb``
-(a minute or two), so that relaxations behave like those of a trained model.
+(512 structures; a minute or two on an idle machine), so that relaxations behave like those
+of a trained model (``--save-model`` keeps it for later runs).
 
 Usage: ``python bench/bench_torchsim.py [--structures 64] [--repeats 2] [--threads 2]``
 """
@@ -53,12 +54,12 @@ def fit_demo_model(path: Path, steps: int, seed: int = 0) -> Path:
 
     ensure_demo_dataset(ROOT / "data" / "demo")
     dataset = LmdbDataset(ROOT / "data" / "demo" / "train.lmdb")
-    samples = dataset.get_many(range(len(dataset)))
+    rng = np.random.default_rng(seed)
+    samples = dataset.get_many(sorted(rng.choice(len(dataset), min(512, len(dataset)), replace=False).tolist()))
     energies = torch.tensor([float(d.energy) for d in samples])
     per_atom = energies / torch.tensor([len(d.pos) for d in samples])
     forces = torch.cat([d.forces for d in samples])
     torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
     potential = ESCNPotential(eSCN(**TINY), 0.0, float(energies.std()), float(forces.pow(2).mean().sqrt()))
     # per-atom reference energy of each element: the mean energy per atom (a crude start)
     potential.element_references.fill_(float(per_atom.mean()))
@@ -129,6 +130,7 @@ def main() -> None:
     parser.add_argument("--structures", type=int, default=64)
     parser.add_argument("--checkpoint", default=None)
     parser.add_argument("--fit-steps", type=int, default=300)
+    parser.add_argument("--save-model", default=None, help="keep the fitted checkpoint here (reuse with --checkpoint)")
     parser.add_argument("--fmax", type=float, default=0.05)
     parser.add_argument("--max-steps", type=int, default=300)
     parser.add_argument("--batch-atoms", type=int, default=2048, help="InFlightAutoBatcher max_memory_scaler (atoms)")
@@ -146,7 +148,7 @@ def main() -> None:
         checkpoint = args.checkpoint
         if checkpoint is None:
             fit_started = time.perf_counter()
-            checkpoint = fit_demo_model(Path(tmp) / "demo_fit.ckpt", args.fit_steps)
+            checkpoint = fit_demo_model(Path(args.save_model or Path(tmp) / "demo_fit.ckpt"), args.fit_steps)
             print(f"fitted escn_tiny to the demo EMT labels ({args.fit_steps} steps, "
                   f"{time.perf_counter() - fit_started:.0f} s)")
         predictor = load_predictor(checkpoint, "cpu")
