@@ -86,7 +86,11 @@ def read_init_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointMismatchError(f"init_from={path}: cannot be read as a checkpoint ({type(exc).__name__}: {exc})") from exc
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise CheckpointMismatchError(
+            f"init_from={path}: cannot be read with torch.load(weights_only=True) ({type(exc).__name__}: {first_line}); "
+            "if it is a fairchem checkpoint you trust, convert it first with escn-convert-checkpoint --unsafe-load"
+        ) from exc
     if isinstance(checkpoint, Mapping):
         from escn_train.inference.reference_checkpoint import (
             ReferenceCheckpointError,
