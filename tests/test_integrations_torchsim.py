@@ -108,7 +108,7 @@ def test_batched_fire_with_in_flight_autobatcher(checkpoint):
     start = model(state)
     batcher = ts.InFlightAutoBatcher(model, max_memory_scaler=2 * len(structures[0]), memory_scales_with="n_atoms")
     relaxed = ts.optimize(
-        state, model, optimizer=ts.optimizers.fire, autobatcher=batcher, max_steps=20, steps_between_swaps=5,
+        state, model, optimizer=ts.optimizers.fire, autobatcher=batcher, max_steps=10, steps_between_swaps=5,
         convergence_fn=ts.generate_force_convergence_fn(0.05, include_cell_forces=False),
     )
     assert relaxed.n_systems == len(structures)
