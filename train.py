@@ -17,6 +17,15 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 
+def explicit_override_keys() -> list[str]:
+    """Dotted keys set on the command line as ``key=value`` (not group choices such as
+    ``model=escn_l6_m3``); with ``init_from`` they win over the checkpoint's settings."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides = OverridesParser.create().parse_overrides(list(HydraConfig.get().overrides.task))
+    return [o.key_or_group for o in overrides if "." in o.key_or_group]
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     """Resolve the config to plain containers, train, and return the optimised metric."""
@@ -30,7 +39,7 @@ def main(cfg: DictConfig) -> float | None:
         raise SystemExit(f"invalid configuration: {err}") from None
     config.pop("hydra", None)
     try:
-        results = run_training(config, HydraConfig.get().runtime.output_dir)
+        results = run_training(config, HydraConfig.get().runtime.output_dir, explicit_override_keys())
     except ConfigError as err:
         raise SystemExit(f"invalid configuration: {err}") from None
     except CheckpointWriteError as err:  # disk full etc.: the message names the file; earlier checkpoints are intact

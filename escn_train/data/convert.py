@@ -9,7 +9,8 @@ with ``--cutoff``/``--max-neighbors``, a precomputed ``edge_index``, ``cell_offs
 
 Labels come from the structure's calculator (as ASE stores them in extxyz, .traj and db
 files) or, failing that, from ``atoms.info[energy_key]`` / ``atoms.arrays[forces_key]``.
-``fixed`` is 1 for atoms under an ASE ``FixAtoms`` constraint; ``tags`` are ASE's tags.
+``fixed`` is 1 for atoms under an ASE ``FixAtoms`` constraint; ``tags`` are ASE's tags, or with
+``--tags oc20`` OC20's (0 sub-surface, 1 surface, 2 adsorbate; :mod:`escn_train.data.tags`).
 ``sid`` / ``fid`` come from ``atoms.info`` (or the db row's key-value pairs) when present;
 otherwise ``sid`` is the running structure index (or the input file's index with
 ``--sid-per-file``) and ``fid`` the frame index within its file.
@@ -25,6 +26,7 @@ import argparse
 import multiprocessing
 import pickle
 import sys
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +38,7 @@ import torch
 from torch_geometric.data import Data
 from tqdm import tqdm
 
+from escn_train.data.tags import TAG_MODES, TagWarning, layer_tag_warning, looks_like_ase_layer_tags, structure_tags
 from escn_train.graph import radius_graph_pbc
 
 #: Entries written per LMDB write transaction.
@@ -85,6 +88,7 @@ def atoms_to_data(
     *,
     require_labels: bool = True,
     require_cell: bool = True,
+    tags: str = "keep",
 ) -> Data:
     """One ASE ``Atoms`` as an OC20-style PyG ``Data`` (see module docstring for the fields).
 
@@ -92,6 +96,7 @@ def atoms_to_data(
     inference, ``require_labels=False`` leaves missing energy/forces out instead of failing,
     and ``require_cell=False`` accepts a cell that is singular along non-periodic directions
     (molecules without a cell, slabs without a vacuum vector), which the graph builder handles.
+    ``tags``: ``keep`` ASE's tags or derive OC20's (``oc20``, see :mod:`escn_train.data.tags`).
     """
     from ase.constraints import FixAtoms
 
@@ -135,7 +140,7 @@ def atoms_to_data(
         natoms=natoms,
         energy=None if energy is None else float(energy),  # None: not stored (unlabelled input)
         forces=None if forces is None else torch.from_numpy(forces),
-        tags=torch.tensor(atoms.get_tags(), dtype=torch.long),
+        tags=torch.from_numpy(structure_tags(atoms, tags, source)),
         fixed=torch.from_numpy(fixed),
         sid=sid,
         fid=fid,
@@ -287,6 +292,16 @@ def _init_worker(options: dict[str, Any]) -> None:
     _WORKER_OPTIONS.update(options)
 
 
+def check_tag_convention(items: Sequence[_Item], tags: str) -> None:
+    """Validate ``tags``; under ``keep``, warn once when tags look like ``ase.build`` layer numbers."""
+    if tags not in TAG_MODES:
+        raise ValueError(f"--tags: unknown mode {tags!r}; choose from {', '.join(TAG_MODES)}")
+    if tags == "keep":
+        layered = [item.source for item in items if looks_like_ase_layer_tags(item.atoms)]
+        if layered:
+            warnings.warn(layer_tag_warning(len(layered), len(items), layered[0]), TagWarning, stacklevel=3)
+
+
 def convert_structures(
     items: Sequence[_Item],
     output: str | Path,
@@ -296,11 +311,16 @@ def convert_structures(
     max_neighbors: int | None = None,
     label_keys: LabelKeys = LabelKeys(),
     progress: bool = True,
+    tags: str = "keep",
 ) -> list[Path]:
-    """Convert already-read structures and write them; ``workers > 0`` converts in a process pool."""
+    """Convert already-read structures and write them; ``workers > 0`` converts in a process pool.
+
+    ``tags``: see :mod:`escn_train.data.tags`; with ``keep`` a :class:`TagWarning` says how many
+    structures carry tags that look like ``ase.build`` layer numbers."""
     if (cutoff is None) != (max_neighbors is None):
         raise ValueError("--cutoff and --max-neighbors must be given together")
-    options = {"cutoff": cutoff, "max_neighbors": max_neighbors, "label_keys": label_keys}
+    check_tag_convention(items, tags)
+    options = {"cutoff": cutoff, "max_neighbors": max_neighbors, "label_keys": label_keys, "tags": tags}
     if workers <= 0:
         converted: Iterator[bytes] = (
             pickle_data(atoms_to_data(it.atoms, it.sid, it.fid, it.source, **options)) for it in items
@@ -323,10 +343,11 @@ def convert_files(
     sid_per_file: bool = False,
     label_keys: LabelKeys = LabelKeys(),
     progress: bool = True,
+    tags: str = "keep",
 ) -> list[Path]:
     """Read ``inputs`` with ASE and write them as OC20-style LMDB shards; returns the written files."""
     items = read_structures(inputs, index=index, sid_per_file=sid_per_file)
-    return convert_structures(items, output, num_shards, workers, cutoff, max_neighbors, label_keys, progress)
+    return convert_structures(items, output, num_shards, workers, cutoff, max_neighbors, label_keys, progress, tags)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -344,6 +365,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sid-per-file", action="store_true", help="default sid = input file number, not structure number")
     parser.add_argument("--energy-key", default="energy", help="atoms.info key used when there is no calculator energy")
     parser.add_argument("--forces-key", default="forces", help="atoms.arrays key used when there are no calculator forces")
+    parser.add_argument(
+        "--tags", choices=TAG_MODES, default="keep",
+        help="keep: copy ASE's tags (warns when they look like ase.build layer numbers); oc20: derive OC20 tags "
+        "(0 sub-surface = FixAtoms, 1 surface, 2 adsorbate) per structure (default keep)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
 
@@ -351,19 +377,27 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point (``escn-convert``, ``python -m escn_train.data.convert``)."""
     args = build_parser().parse_args(argv)
+
+    def show(message: Warning | str, *_: Any, **__: Any) -> None:
+        print(f"escn-convert: warning: {message}", file=sys.stderr, flush=True)
+
     try:
-        paths = convert_files(
-            args.inputs,
-            args.output,
-            num_shards=args.num_shards,
-            workers=args.workers,
-            cutoff=args.cutoff,
-            max_neighbors=args.max_neighbors,
-            index=args.index,
-            sid_per_file=args.sid_per_file,
-            label_keys=LabelKeys(args.energy_key, args.forces_key),
-            progress=not args.no_progress,
-        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", TagWarning)
+            warnings.showwarning = show
+            paths = convert_files(
+                args.inputs,
+                args.output,
+                num_shards=args.num_shards,
+                workers=args.workers,
+                cutoff=args.cutoff,
+                max_neighbors=args.max_neighbors,
+                index=args.index,
+                sid_per_file=args.sid_per_file,
+                label_keys=LabelKeys(args.energy_key, args.forces_key),
+                progress=not args.no_progress,
+                tags=args.tags,
+            )
     except (ConversionError, FileNotFoundError, FileExistsError, ValueError) as exc:
         print(f"escn-convert: error: {exc}", file=sys.stderr)
         return 2

@@ -74,6 +74,14 @@ _REQUIRED_VALUES = {
 
 _LIGHTNING_KEYS = ("epoch", "global_step")
 
+#: Why fairchem's two prediction routes disagree on a checkpoint with an EMA (fairchem 1.x).
+FAIRCHEM_EMA_NOTE = (
+    "fairchem itself predicts with different weights depending on the route: OCPCalculator(checkpoint_path=...) "
+    "loads the checkpoint with inference_only=True, which never builds the EMA, so it uses the raw weights; "
+    "the trainer's predict mode (main.py --mode predict, with optim.ema_decay set) swaps the EMA weights in. "
+    "Compare with OCPCalculator using --no-ema, and with predict mode using the default EMA weights."
+)
+
 
 class ReferenceCheckpointError(ValueError):
     """The file is not a convertible fairchem/OCP eSCN checkpoint; the message says why."""
@@ -338,9 +346,14 @@ def convert_checkpoint(checkpoint: Mapping[str, Any], source: str = "checkpoint"
     if ema_weights is not None and use_ema:
         averaged = copy.deepcopy(potential)
         averaged.model.load_state_dict(ema_weights, strict=False)
-        ema_note = "EMA weights kept (used by default; load with use_ema=False for the raw weights)"
+        ema_note = (
+            "EMA weights kept and used by default (escn-predict, escn-export, ESCNCalculator, train.py init_from=); "
+            "--no-ema / use_ema=False for the raw weights"
+        )
+    elif ema_weights is None:
+        ema_note = "no EMA in the checkpoint: the raw weights, as every fairchem route uses"
     else:
-        ema_note = "no EMA in the checkpoint" if ema_weights is None else "EMA present but not kept (--no-ema)"
+        ema_note = "EMA present but not kept (--no-ema): the raw weights"
     ema_state = checkpoint.get("ema") or {}
     carried = {"state_dict", "config", "normalizers", "ema", "elementrefs", "epoch", "step"}
     not_carried = sorted(k for k in checkpoint if k not in carried and checkpoint[k] is not None)
@@ -362,6 +375,7 @@ def convert_checkpoint(checkpoint: Mapping[str, Any], source: str = "checkpoint"
         "normalizers": normalizer_note,
         "element_references": "from elementrefs" if element_refs is not None else "none",
         "ema": ema_note,
+        "has_ema": ema_weights is not None,
         "not_carried": not_carried,
     }
     converted["reference_config"] = _plain(checkpoint["config"])
@@ -446,6 +460,8 @@ def summary(converted: Mapping[str, Any]) -> str:
         f"element references: {info['element_references']}",
         f"EMA: {info['ema']}",
     ]
+    if info.get("has_ema"):
+        lines.append(FAIRCHEM_EMA_NOTE)
     for key, reason in info["dropped_kwargs"].items():
         lines.append(f"model.{key}: {reason}")
     if info["not_carried"]:

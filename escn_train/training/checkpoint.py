@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import inspect
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import torch
@@ -94,24 +94,183 @@ def load_potential(
     return potential.eval()
 
 
-def init_module_from_checkpoint(module: torch.nn.Module, path: str | os.PathLike, use_ema: bool = True) -> None:
+class CheckpointMismatchError(ValueError):
+    """A fine-tuning setting contradicts the ``init_from`` checkpoint; the message is one line."""
+
+
+#: Normaliser values a fine-tune takes from its checkpoint (with the weights they belong to).
+INIT_NORMALIZER_VALUES = ("energy_mean", "energy_std", "force_std", "element_references")
+#: Model arguments that are deployment choices, not part of the weights.
+_NOT_ARCHITECTURE = ("compile", "export")
+
+
+def read_init_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """The checkpoint to fine-tune from: an escn-train checkpoint, or a fairchem/OCP eSCN
+    checkpoint converted in memory (as ``escn-convert-checkpoint`` would, EMA weights kept)."""
+    if not os.path.isfile(path):
+        raise CheckpointMismatchError(f"init_from={path}: no such checkpoint file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise CheckpointMismatchError(
+            f"init_from={path}: cannot be read with torch.load(weights_only=True) ({type(exc).__name__}: {first_line}); "
+            "if it is a fairchem checkpoint you trust, convert it first with escn-convert-checkpoint --unsafe-load"
+        ) from exc
+    if isinstance(checkpoint, Mapping):
+        from escn_train.inference.reference_checkpoint import (
+            ReferenceCheckpointError,
+            convert_checkpoint,
+            is_reference_checkpoint,
+        )
+
+        if is_reference_checkpoint(checkpoint):
+            try:
+                return convert_checkpoint(checkpoint, source=str(path))
+            except ReferenceCheckpointError as exc:
+                raise CheckpointMismatchError(f"init_from={exc}") from exc
+    if not isinstance(checkpoint, Mapping) or "state_dict" not in checkpoint or "model" not in checkpoint.get(
+        "hyper_parameters", {}
+    ):
+        keys = sorted(checkpoint) if isinstance(checkpoint, Mapping) else type(checkpoint).__name__
+        raise CheckpointMismatchError(
+            f"init_from={path}: not an escn-train or fairchem eSCN checkpoint (found {keys}; expected 'state_dict' "
+            "and 'hyper_parameters' with 'model', or fairchem's 'state_dict' and 'config')"
+        )
+    return dict(checkpoint)
+
+
+def checkpoint_normalizer_settings(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+    """``energy_mean``, ``energy_std`` (eV, without the scale), ``force_std``, ``element_references``
+    (list, or False) and ``energy_scale`` as a training configuration would give them."""
+    saved = dict(checkpoint.get("normalizers") or {})
+    if not saved:  # older checkpoints: the buffers hold them
+        state = potential_state_dict(checkpoint, use_ema=False)
+        scale = 1.0
+        saved = {"energy_mean": float(state["energy_mean"]), "energy_std": float(state["energy_std"]),
+                 "force_std": float(state["force_std"]), "element_references": state["element_references"].tolist()}
+    else:
+        scale = float(saved.get("energy_scale") or 1.0)
+    refs = saved.get("element_references")
+    return {
+        "energy_mean": float(saved["energy_mean"]),
+        "energy_std": float(saved["energy_std"]),
+        "force_std": float(saved["force_std"]),
+        "element_references": [float(r) for r in refs] if refs is not None else False,
+        "energy_scale": scale,
+    }
+
+
+def init_from_settings(
+    path: str | os.PathLike,
+    model: Mapping[str, Any],
+    normalizer: Mapping[str, Any],
+    explicit: Collection[str] = (),
+) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+    """``(model, normalizer, notes)`` for fine-tuning from ``path``.
+
+    The eSCN arguments and the normaliser settings come from the checkpoint, because the
+    weights only mean something with them; a setting named in ``explicit`` (dotted keys such
+    as ``model.max_neighbors`` or ``normalizer.force_std``, typically the command line's
+    ``key=value`` overrides) keeps the configured value. An explicit ``energy_scale`` other
+    than the checkpoint's, or an explicit ``null`` normaliser (fit on the data) contradicts
+    the weights and raises :class:`CheckpointMismatchError`; explicit model arguments are
+    checked against the weights when they are loaded (:func:`init_module_from_checkpoint`).
+    ``element_references: true/false`` only steers fitting, which a fine-tune does not do.
+    ``notes`` says what was taken from the checkpoint where the configuration differed.
+    """
+    checkpoint = read_init_checkpoint(path)
+    explicit = set(explicit)
+    notes: list[str] = []
+    saved_model = dict(checkpoint["hyper_parameters"]["model"])
+    merged_model = dict(model)
+    for key, value in saved_model.items():
+        if key in _NOT_ARCHITECTURE or f"model.{key}" in explicit:
+            continue
+        if key in merged_model and merged_model[key] != value:
+            notes.append(f"model.{key}={value!r} from the checkpoint (the configuration had {merged_model[key]!r})")
+        merged_model[key] = value
+
+    saved = checkpoint_normalizer_settings(checkpoint)
+    merged_norm = dict(normalizer)
+    scale = merged_norm.get("energy_scale")
+    if "normalizer.energy_scale" in explicit and scale is not None and float(scale) != saved["energy_scale"]:
+        raise CheckpointMismatchError(
+            f"init_from={path}: normalizer.energy_scale={float(scale)} was set explicitly, but the checkpoint's energy "
+            f"head was trained with energy_scale={saved['energy_scale']}; drop the override (a fine-tune takes it "
+            "from the checkpoint)"
+        )
+    for key in ("energy_scale", *INIT_NORMALIZER_VALUES):
+        given = merged_norm.get(key)
+        if f"normalizer.{key}" in explicit:
+            if given is None and key != "element_references":
+                raise CheckpointMismatchError(
+                    f"init_from={path}: normalizer.{key}=null asks to fit it on the data, but a fine-tune keeps the "
+                    f"checkpoint's normalisers ({key}={saved[key]}) with its weights; give a number or drop the override"
+                )
+            if key != "element_references" or isinstance(given, (list, tuple)):
+                if given != saved[key]:
+                    notes.append(f"normalizer.{key}={given!r} as set (the checkpoint has {saved[key]!r})")
+                continue
+            notes.append(f"normalizer.element_references={given!r} only steers fitting; the checkpoint's references are kept")
+        elif key == "energy_scale" and given is not None and float(given) != saved[key]:
+            notes.append(f"normalizer.energy_scale={saved[key]} from the checkpoint (the configuration had {given})")
+        merged_norm[key] = saved[key]
+    return merged_model, merged_norm, notes
+
+
+def _size_mismatch(error: RuntimeError) -> str:
+    """The first ``size mismatch for ...`` line of a ``load_state_dict`` error."""
+    for line in str(error).splitlines():
+        line = line.strip()
+        if line.startswith("size mismatch"):
+            return line.rstrip(".")
+    return str(error).splitlines()[0]
+
+
+def init_module_from_checkpoint(
+    module: torch.nn.Module, path: str | os.PathLike, use_ema: bool = True, explicit: Collection[str] = ()
+) -> None:
     """Fine-tuning start: copy weights and normalisers of ``path`` into a fresh ``PotentialModule``.
 
     Only the potential is taken (EMA weights by default); optimizer, scheduler, step counter
-    and the EMA history start anew. The architectures must match.
+    and the EMA history start anew. The module's model arguments must be the checkpoint's
+    (see :func:`init_from_settings`), except those named in ``explicit`` whose values still
+    fit the weights (e.g. ``model.max_neighbors``). Normaliser values the module was given
+    explicitly replace the checkpoint's after loading.
     """
-    checkpoint = read_checkpoint(path)
-    differences = model_differences(checkpoint["hyper_parameters"]["model"], module.hparams["model"])
-    if differences:
-        raise ValueError(f"init_from={path}: {'; '.join(differences)}")
-    saved_scale = float((checkpoint.get("normalizers") or {}).get("energy_scale", 1.0))
+    checkpoint = read_init_checkpoint(path)
+    saved = dict(checkpoint["hyper_parameters"]["model"])
+    current = dict(module.hparams["model"])
+    overridden = []
+    for key in sorted(set(saved) | set(current)):
+        if key in _NOT_ARCHITECTURE or saved.get(key) == current.get(key):
+            continue
+        if f"model.{key}" not in explicit:
+            raise CheckpointMismatchError(
+                f"init_from={path}: model.{key} is {current.get(key)!r} here but {saved.get(key)!r} in the checkpoint"
+            )
+        overridden.append(f"model.{key}={current.get(key)!r} (checkpoint: {saved.get(key)!r})")
+    saved_scale = checkpoint_normalizer_settings(checkpoint)["energy_scale"]
     if saved_scale != module.energy_scale:
-        raise ValueError(
+        raise CheckpointMismatchError(
             f"init_from={path}: normalizer.energy_scale is {module.energy_scale} here but {saved_scale} in the "
             "checkpoint; set normalizer.energy_scale to match"
         )
     state = potential_state_dict(checkpoint, use_ema)
-    module.potential.load_state_dict(state, strict=True)
+    try:
+        module.potential.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        if not overridden:
+            raise
+        raise CheckpointMismatchError(
+            f"init_from={path}: {', '.join(overridden)} set explicitly does not fit the checkpoint's weights "
+            f"({_size_mismatch(exc)}); drop the override"
+        ) from None
+    config = module.normalizer_config
+    numbers = all(isinstance(config.get(k), (int, float)) for k in ("energy_mean", "energy_std", "force_std"))
+    if numbers and config.get("element_references") is not True:
+        module.set_normalizers(config)  # the checkpoint's values unless some were overridden
     if module.ema is not None:
         module.ema.copy_from(module.potential)
     module.normalizers_ready = True

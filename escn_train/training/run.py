@@ -14,7 +14,7 @@ import os
 import pickle
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +24,15 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from escn_train.data.datamodule import is_absent_split
-from escn_train.training.checkpoint import init_module_from_checkpoint, model_differences, read_checkpoint
+from escn_train.training.checkpoint import (
+    CheckpointMismatchError,
+    init_from_settings,
+    init_module_from_checkpoint,
+    model_differences,
+    read_checkpoint,
+)
 from escn_train.training.config_checks import ConfigError, check_config
+from escn_train.training.lightning_logging import configure_lightning_logging
 from escn_train.training.module import PotentialModule
 from escn_train.training.reliability import (
     AtomicCheckpointIO,
@@ -108,6 +115,28 @@ def check_resume_model(ckpt_path: str, model: Mapping[str, Any], option: str) ->
         )
 
 
+def with_init_from_settings(cfg: Mapping[str, Any], explicit_keys: Collection[str] = ()) -> dict[str, Any]:
+    """``cfg`` with the model arguments and normaliser settings of its ``init_from`` checkpoint,
+    except the keys set explicitly (see :func:`~escn_train.training.checkpoint.init_from_settings`).
+    ``data.neighbor_cutoff`` follows a changed ``model.cutoff`` unless set explicitly."""
+    cfg = dict(cfg)
+    try:
+        model, normalizer, notes = init_from_settings(
+            cfg["init_from"], cfg["model"], cfg.get("normalizer") or {}, explicit_keys
+        )
+    except CheckpointMismatchError as err:
+        raise ConfigError(str(err)) from None
+    data = dict(cfg["data"])
+    old_cutoff = cfg["model"].get("cutoff")
+    if data.get("neighbor_cutoff") == old_cutoff and "data.neighbor_cutoff" not in explicit_keys:
+        data["neighbor_cutoff"] = model.get("cutoff", old_cutoff)
+    cfg.update(model=model, normalizer=normalizer, data=data)
+    check_config(cfg)
+    if notes and int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0:
+        print(f"init_from={cfg['init_from']}: " + "; ".join(notes), flush=True)
+    return cfg
+
+
 def _wandb_has_credentials() -> bool:
     if os.environ.get("WANDB_API_KEY"):
         return True
@@ -156,16 +185,25 @@ def build_loggers(
     return out
 
 
-def build_callbacks(callbacks: Mapping[str, Any] | None) -> list[L.Callback]:
-    """Instantiate the named callbacks (``None`` entries are switched off)."""
+def build_callbacks(callbacks: Mapping[str, Any] | None, enable_progress_bar: bool = True) -> list[L.Callback]:
+    """Instantiate the named callbacks (``None`` entries are switched off).
+
+    With ``enable_progress_bar=False`` (``trainer.enable_progress_bar=false``) progress-bar
+    callbacks are left out: Lightning refuses a progress bar it was told not to show.
+    """
+    from lightning.pytorch.callbacks import ProgressBar
+
     out = []
     for name, spec in (callbacks or {}).items():
         if spec is None:
             continue
         try:
-            out.append(instantiate(dict(spec), _convert_="all"))
+            callback = instantiate(dict(spec), _convert_="all")
         except Exception as err:
             raise ConfigError(f"callbacks.{name}: could not be created: {err}") from err
+        if isinstance(callback, ProgressBar) and not enable_progress_bar:
+            continue
+        out.append(callback)
     return out
 
 
@@ -237,15 +275,24 @@ def format_summary(metrics: Mapping[str, float]) -> str:
 
 
 # ---------------------------------------------------------------------------------- main
-def run_training(cfg: Mapping[str, Any], run_dir: str | os.PathLike) -> dict[str, Any]:
-    """Fit (and test) according to ``cfg``; returns the metrics written to ``metrics.json``."""
+def run_training(
+    cfg: Mapping[str, Any], run_dir: str | os.PathLike, explicit_keys: Collection[str] = ()
+) -> dict[str, Any]:
+    """Fit (and test) according to ``cfg``; returns the metrics written to ``metrics.json``.
+
+    ``explicit_keys``: dotted keys the user set explicitly (``train.py`` passes its command-line
+    ``key=value`` overrides); with ``init_from`` they win over the checkpoint's settings.
+    """
     started = time.perf_counter()
     run_dir = Path(run_dir)
+    configure_lightning_logging()
     check_config(cfg)
+    if cfg.get("init_from"):
+        cfg = with_init_from_settings(cfg, explicit_keys)
     # SIGTERM / SIGUSR1 from here on are remembered, not fatal (README "Reliability", Signals).
     early = EarlySignals().install() if _check_reliability(cfg.get("reliability")).get("handle_signals", True) else None
     try:
-        return _run_training(cfg, run_dir, started, early)
+        return _run_training(cfg, run_dir, started, early, explicit_keys)
     finally:
         if early is not None:
             early.uninstall()
@@ -275,7 +322,9 @@ def _stopped_before_training(early: EarlySignals, ckpt_path: str | None, run_dir
     return results
 
 
-def _run_training(cfg: Mapping[str, Any], run_dir: Path, started: float, early: EarlySignals | None) -> dict[str, Any]:
+def _run_training(
+    cfg: Mapping[str, Any], run_dir: Path, started: float, early: EarlySignals | None, explicit_keys: Collection[str] = ()
+) -> dict[str, Any]:
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg["threads"]))
     L.seed_everything(int(cfg.get("seed", 0)), workers=True, verbose=False)
@@ -286,14 +335,17 @@ def _run_training(cfg: Mapping[str, Any], run_dir: Path, started: float, early: 
     datamodule = build_datamodule(cfg["data"])
     module = build_module(cfg)
     if cfg.get("init_from"):
-        init_module_from_checkpoint(module, cfg["init_from"])
+        try:
+            init_module_from_checkpoint(module, cfg["init_from"], explicit=explicit_keys)
+        except CheckpointMismatchError as err:
+            raise ConfigError(str(err)) from None
     run_info: dict[str, Any] = {"run_dir": str(run_dir)}
     loggers = build_loggers(cfg.get("logger"), run_dir, ckpt_path, run_info)
     module.run_info.update(run_info)
     module.run_config = dict(cfg)  # stored in checkpoints as "config"
-    callbacks = build_callbacks(cfg.get("callbacks"))
-    reliability_callbacks, plugins = build_reliability(cfg.get("reliability"), early)
     trainer_kwargs = dict(cfg.get("trainer") or {})
+    callbacks = build_callbacks(cfg.get("callbacks"), bool(trainer_kwargs.get("enable_progress_bar", True)))
+    reliability_callbacks, plugins = build_reliability(cfg.get("reliability"), early)
     plugins = list(trainer_kwargs.pop("plugins", None) or []) + plugins
     trainer = L.Trainer(
         **trainer_kwargs,
