@@ -87,6 +87,13 @@ def evil_guard(program: dict, marker: Path) -> dict:
     return program
 
 
+def evil_string(program: dict, marker: Path) -> dict:
+    """A string argument that would close the quotes of a generated guard."""
+    text = json.dumps(program).replace('"abc,pb->apc"', json.dumps(f"x' == 'x' or {shell(marker)} or '"), 1)
+    assert text != json.dumps(program)
+    return json.loads(text)
+
+
 def evil_target(program: dict, marker: Path) -> dict:
     program["graph_module"]["graph"]["nodes"][0]["target"] = "torch.os.system"
     return program
@@ -98,7 +105,8 @@ def evil_files(exported, tmp_path_factory) -> dict[str, tuple[Path, Path]]:
     _, program = exported
     folder = tmp_path_factory.mktemp("evil")
     files = {}
-    for kind, edit in (("expr", evil_expression), ("guard", evil_guard), ("target", evil_target)):
+    for kind, edit in (("expr", evil_expression), ("guard", evil_guard), ("target", evil_target),
+                       ("string", evil_string)):
         marker = folder / f"marker_{kind}"
         files[kind] = (rewrite(program, folder / f"evil_{kind}.pt2", lambda p, e=edit, m=marker: e(p, m)), marker)
     return files
@@ -147,10 +155,10 @@ def test_legit_program_loads_only_with_trust(exported, tmp_path, capsys):
     assert out.exists()
 
 
-@pytest.mark.parametrize("kind", ["expr", "guard", "target"])
+@pytest.mark.parametrize("kind", ["expr", "guard", "target", "string"])
 def test_evil_programs_are_refused_even_when_trusted(evil_files, kind, tmp_path, capsys):
     path, marker = evil_files[kind]
-    place = {"expr": "expr_str", "guard": "guards_code", "target": "target"}[kind]
+    place = {"expr": "expr_str", "guard": "guards_code", "target": "target", "string": "as_string"}[kind]
     pattern = rf"^{path}: refused model\.json\.\S*{place}\S*: .*not written by escn-export"
     with pytest.raises(UnsafeModelError, match=pattern):
         load_predictor(path, "cpu", trusted=True)
@@ -206,11 +214,15 @@ def test_pickled_payloads_and_foreign_entries_are_refused(exported, tmp_path):
 
     buffer = io.BytesIO()
     torch.save((_Boom(marker),), buffer)
+    with_kwargs = io.BytesIO()
+    torch.save(((torch.ones(1),), {"x'] == 0 or L['y": torch.ones(1)}), with_kwargs)
     cases = {
         "pickled weight": ({"data/weights/model_weights_config.json": json.dumps(weights_config).encode()}, {},
                            r"model_weights_config\.json entry .* is a pickled object"),
         "sample inputs": ({"data/sample_inputs/model.pt": buffer.getvalue()}, {},
                           r"data/sample_inputs/model\.pt needs full pickle to load"),
+        "sample inputs with keywords": ({"data/sample_inputs/model.pt": with_kwargs.getvalue()}, {},
+                                        r"model\.pt is not a tuple of tensors without keyword arguments"),
         "shared library": ({}, {"data/aotinductor/model/model.so": b"\x7fELF"}, None),
         "legacy weights": ({}, {"data/weights/model.pt": buffer.getvalue()},
                            r"archive entry '.*data/weights/model\.pt' is not part of a torch\.export program"),

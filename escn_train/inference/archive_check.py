@@ -262,6 +262,14 @@ def check_guard(text: Any) -> None:
     visit(tree)
 
 
+PLAIN_STRING = re.compile(r"[^'\"\\\n\r]{0,1000}")
+
+
+def check_string_argument(value: Any) -> None:
+    if not isinstance(value, str) or not PLAIN_STRING.fullmatch(value):
+        raise _Refused(f"string argument {str(value)[:80]!r} (quotes, backslashes and newlines are not expected)")
+
+
 def check_operator_target(target: Any) -> None:
     if not isinstance(target, str) or not (OPERATOR_TARGET.fullmatch(target) or target in PYTHON_TARGETS):
         raise _Refused(f"graph node calls {str(target)[:80]!r} (only aten/prims operators are expected)")
@@ -281,6 +289,8 @@ def _walk(value: Any, where: str) -> Iterator[tuple[str, str, Any]]:
                 continue
             elif key == "target":  # graph nodes: the operator each one calls
                 yield "target", place, child
+            elif key == "as_string":  # string arguments; torch pastes some into generated guard code
+                yield "string", place, child
             elif key == "range_constraints" and isinstance(child, dict):
                 for name in child:
                     if not SYMBOL_NAME.fullmatch(str(name)):
@@ -338,7 +348,8 @@ def check_exported_archive(data: bytes, path: str | os.PathLike) -> None:
     prefix, programs = _program_files(names, path)
     if not programs:
         raise UnsafeModelError(f"{path}: torch.export archive without a program (no models/*.json)")
-    checks = {"expr": check_sympy_expression, "guard": check_guard, "target": check_operator_target}
+    checks = {"expr": check_sympy_expression, "guard": check_guard, "target": check_operator_target,
+              "string": check_string_argument}
     for name in programs:
         try:
             program = json.loads(archive.read(name))
@@ -357,6 +368,11 @@ def check_exported_archive(data: bytes, path: str | os.PathLike) -> None:
             except (ValueError, UnicodeDecodeError) as exc:
                 raise UnsafeModelError(f"{path}: {name} is not JSON ({exc})") from None
             _check_payload_config(config, path, name)
+            for kind, place, value in _walk(config, name.rsplit("/", 1)[-1]):
+                try:
+                    checks[kind](value)
+                except _Refused as why:
+                    raise UnsafeModelError(f"{path}: refused {place}: {why}") from None
     for name in names:
         if "/data/sample_inputs/" in name:
             _check_plain_pickle(archive.read(name), path, name)
@@ -368,7 +384,13 @@ def _check_plain_pickle(raw: bytes, path: str, name: str) -> None:
     import torch
 
     try:
-        torch.load(io.BytesIO(raw), weights_only=True, map_location="cpu")
+        inputs = torch.load(io.BytesIO(raw), weights_only=True, map_location="cpu")
     except Exception as exc:  # noqa: BLE001 - any failure means torch would fall back to full pickle
         first = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
         raise UnsafeModelError(f"{path}: {name} needs full pickle to load ({first}); refusing it") from None
+    # (args, kwargs): their structure becomes the input paths pasted into the guard code
+    if not (isinstance(inputs, tuple) and len(inputs) == 2 and isinstance(inputs[0], tuple)
+            and all(isinstance(t, torch.Tensor) for t in inputs[0]) and inputs[1] == {}):
+        raise UnsafeModelError(
+            f"{path}: {name} is not a tuple of tensors without keyword arguments, as escn-export writes; refusing it"
+        )
