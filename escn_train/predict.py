@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -42,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import lmdb
 import numpy as np
 import torch
 from torch_geometric.data import Data
@@ -331,7 +333,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             progress=not args.no_progress,
             trusted=args.trust_exported,
         )
-    except (FileNotFoundError, ValueError, RuntimeError, KeyError) as exc:
+    except (FileNotFoundError, ValueError, RuntimeError, KeyError, pickle.UnpicklingError, lmdb.Error) as exc:
         print(f"escn-predict: error: {exc}", file=sys.stderr)
         return 2
     rate = result["structures"] / max(result["seconds"], 1e-9)
