@@ -25,13 +25,17 @@ GPUs). ``--extxyz`` also writes every structure with its predictions attached th
 Example::
 
     escn-predict model.ckpt data/oc20/s2ef/all/val_id -o val_id_preds.npz --key-mapping y=energy,force=forces
-    escn-predict deploy/escn.aoti.pt2 relax.traj -o preds.npz --extxyz preds.xyz --device cuda
+    escn-predict deploy/escn.aoti.pt2 relax.traj -o preds.npz --extxyz preds.xyz --device cuda --trust-exported
+
+Exported programs and AOTInductor packages are code, so they load only with
+``--trust-exported``; checkpoints are data.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import pickle
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -39,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import lmdb
 import numpy as np
 import torch
 from torch_geometric.data import Data
@@ -227,6 +232,7 @@ def predict_files(
     free_only: bool = False,
     dtype: str = "float32",
     progress: bool = True,
+    trusted: bool = False,
 ) -> dict[str, Any]:
     """Predict every input structure and write the npz (and extxyz); returns a short summary."""
     if batch_size < 1:
@@ -236,7 +242,7 @@ def predict_files(
         output = output.with_name(output.name + ".npz")
     sources = open_inputs([Path(p) for p in inputs], key_mapping, index)
     total = sum(len(source) for _, source in sources)
-    predictor = load_predictor(model, device, use_ema)
+    predictor = load_predictor(model, device, use_ema, trusted)
     ids: list[str] = []
     energies: list[float] = []
     forces: list[np.ndarray] = []
@@ -300,6 +306,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=["float32", "float16", "float64"], default="float32",
                         help="precision of energies/forces in the npz (fairchem's default is float16)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument(
+        "--trust-exported", action="store_true",
+        help="allow loading a .pt2 exported program or AOTInductor package: these are code, so only for "
+        "files from a source you trust (checkpoints are data and need no flag)",
+    )
     return parser
 
 
@@ -320,8 +331,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             free_only=args.forces == "free",
             dtype=args.dtype,
             progress=not args.no_progress,
+            trusted=args.trust_exported,
         )
-    except (FileNotFoundError, ValueError, RuntimeError, KeyError) as exc:
+    except (FileNotFoundError, ValueError, RuntimeError, KeyError, pickle.UnpicklingError, lmdb.Error) as exc:
         print(f"escn-predict: error: {exc}", file=sys.stderr)
         return 2
     rate = result["structures"] / max(result["seconds"], 1e-9)

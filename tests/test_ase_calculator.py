@@ -115,7 +115,10 @@ def test_exported_program_in_the_calculator(tiny_checkpoint, tmp_path):
     assert export_main([str(path), "-o", str(tmp_path / "tiny"), "--format", "export", "--device", "cpu", "--no-check"]) == 0
     exported = tmp_path / "tiny.pt2"
     atoms = fixture_atoms(3)
-    for calc in (ESCNCalculator.from_exported(exported, device="cpu"), ESCNCalculator(exported, device="cpu")):
+    for calc in (
+        ESCNCalculator.from_exported(exported, device="cpu", trusted=True),
+        ESCNCalculator(exported, device="cpu", trusted=True),
+    ):
         atoms.calc = calc
         energy, forces = atoms.get_potential_energy(), atoms.get_forces()
     atoms.calc = ESCNCalculator.from_checkpoint(path, device="cpu")

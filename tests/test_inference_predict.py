@@ -117,7 +117,7 @@ def test_ase_files_free_atom_forces_and_exported_model(model, tmp_path):
                         "--no-check"]) == 0
     out16 = tmp_path / "preds16.npz"
     assert main([str(tmp_path / "tiny.pt2"), str(inputs), str(traj), "-o", str(out16), "--forces", "free",
-                 "--dtype", "float16", "--no-progress"]) == 0
+                 "--dtype", "float16", "--no-progress", "--trust-exported"]) == 0
     half = np.load(out16)
     assert half["energy"].dtype == np.float16 and half["forces"].dtype == np.float16
     np.testing.assert_allclose(half["energy"], result["energy"], rtol=1e-3)

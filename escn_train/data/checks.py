@@ -43,9 +43,16 @@ def data_error_message(err: BaseException) -> str | None:
     """
     import lmdb
 
+    text = str(err.args[0]) if len(err.args) == 1 and isinstance(err.args[0], str) else str(err)
+    if isinstance(err, RuntimeError) and text.startswith("DataLoader worker (pid") and (
+        "killed by signal" in text or "exited unexpectedly" in text
+    ):  # e.g. SIGBUS on a corrupt shard: the worker's crash report (stderr above) names shard and key
+        return (
+            f"{text.strip().rstrip('.')}. If it was reading an LMDB shard, the 'Fatal Python error' report above names the "
+            "shard and key; run escn-check-data on the data to list every corrupt entry."
+        )
     if not isinstance(err, (*_DATA_ERROR_TYPES, lmdb.Error)):
         return None
-    text = str(err.args[0]) if len(err.args) == 1 and isinstance(err.args[0], str) else str(err)
     if "in DataLoader worker process" in text and "Original Traceback" in text:
         if _DATA_PACKAGE not in text:
             return None

@@ -30,6 +30,7 @@ import torch
 from torch_geometric.data import Data
 
 from escn_train.data.checks import BadSample, SampleChecker
+from escn_train.data.fatal_read import enable_crash_report, read_entry
 from escn_train.data.graph_selection import edge_distance_error, strip_edges
 from escn_train.data.records import apply_key_mapping, fields_to_data
 from escn_train.data.safe_pickle import record_fields, safe_loads
@@ -82,6 +83,7 @@ def open_lmdb(path: Path) -> lmdb.Environment:
     key = path.resolve()
     env = _ENVS.get(key)
     if env is None:
+        enable_crash_report()  # a corrupt page can still kill a read: name the shard and key then
         expected = "expected an OC20-style LMDB file, e.g. written by escn-convert"
         size = path.stat().st_size
         if size == 0:
@@ -145,7 +147,7 @@ def _warn_if_length_is_short(txn: lmdb.Transaction, length: int, path: Path) -> 
 def _shard_keys(env: lmdb.Environment, path: Path) -> tuple[int, np.ndarray | None]:
     """Entry count of a shard and, when it has no ``length`` key, its sorted index keys."""
     with env.begin() as txn:
-        raw = txn.get(_LENGTH_KEY)
+        raw = read_entry(txn, path, _LENGTH_KEY)
         if raw is not None:
             length = _entry_count(safe_loads(raw, f"{path}, key b'length'"), path)
             _warn_if_length_is_short(txn, length, path)
@@ -337,7 +339,7 @@ class LmdbDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> Data:
         shard, key, flat = self._locate_flat(int(index))
         with self._env(shard).begin() as txn:
-            raw = txn.get(key)
+            raw = read_entry(txn, self.paths[shard], key)
         return self._decode(raw, shard, key, flat=flat)
 
     def get_many(self, indices: Sequence[int], transform: bool = True) -> list[Data]:
@@ -351,7 +353,7 @@ class LmdbDataset(torch.utils.data.Dataset):
             with self._env(shard).begin() as txn:
                 for pos, (s, key, _) in enumerate(located):
                     if s == shard:
-                        raws[pos] = txn.get(key)
+                        raws[pos] = read_entry(txn, self.paths[shard], key)
         return [self._decode(raw, s, key, transform, flat) for raw, (s, key, flat) in zip(raws, located)]
 
     def __getitems__(self, indices: Sequence[int]) -> list[Data]:

@@ -12,13 +12,19 @@ and returns a :class:`Predictor` whose ``predict(batch)`` builds the radius grap
 :func:`escn_train.graph.radius_graph_pbc` (cutoff and neighbour limit travel with the file)
 and returns energies [B] in eV and forces [N, 3] in eV/Å.
 
-The kind of file is decided by its content, not its name. At module level this imports only
-``torch`` and :mod:`escn_train.graph`, so exported files are usable without the training
-code (Lightning, Hydra, e3nn); the model code is imported only for checkpoints.
+The kind of file is read from its content, and its name must agree: exported programs and
+AOTInductor packages are named ``*.pt2``, checkpoints anything else. Checkpoints are data
+(read with ``torch.load(weights_only=True)``) and safe to load from strangers. Exported
+programs and AOTInductor packages are code: they load only with ``trusted=True``, and an
+exported program is first checked by :mod:`escn_train.inference.archive_check` (defence in
+depth). At module level this imports only ``torch`` and :mod:`escn_train.graph`, so exported
+files are usable without the training code (Lightning, Hydra, e3nn); the model code is
+imported only for checkpoints.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import zipfile
@@ -29,6 +35,7 @@ from typing import Any
 import torch
 
 from escn_train.graph import radius_graph_pbc
+from escn_train.inference.archive_check import check_exported_archive
 
 #: Name of the metadata file inside an exported program (``extra_files``) and of the
 #: metadata key inside an AOTInductor package (``aot_inductor.metadata``).
@@ -136,6 +143,39 @@ def artifact_kind(path: str | os.PathLike) -> str:
         f"{path}: not a checkpoint, torch.export program or AOTInductor package "
         f"(zip archive holding {sorted(names)[:8]}{' ...' if len(names) > 8 else ''})"
     )
+
+
+EXPORTED_SUFFIX = ".pt2"
+KIND_NAMES = {CHECKPOINT: "a checkpoint", EXPORTED_PROGRAM: "a torch.export program", AOTI_PACKAGE: "an AOTInductor package"}
+
+
+class TrustRequiredError(ValueError):
+    """A model file that runs code when loaded, loaded without saying it is trusted."""
+
+
+def check_model_file(path: str | os.PathLike, kind: str, trusted: bool) -> None:
+    """Refuse a file whose name does not match its content, and code (exported programs,
+    AOTInductor packages) unless ``trusted``. One-line errors naming the file and the fix."""
+    path = Path(path)
+    is_code = kind in (EXPORTED_PROGRAM, AOTI_PACKAGE)
+    if is_code and path.suffix != EXPORTED_SUFFIX:
+        raise TrustRequiredError(
+            f"{path}: the file is {KIND_NAMES[kind]} (code, not data) but its name does not end in "
+            f"{EXPORTED_SUFFIX}; refusing to load it. Exported models must be named *{EXPORTED_SUFFIX} and loaded "
+            "with trusted=True / --trust-exported, and only when you trust where they come from"
+        )
+    if not is_code and path.suffix == EXPORTED_SUFFIX:
+        if not zipfile.is_zipfile(path):
+            raise ValueError(f"{path}: not a torch.export program or AOTInductor package (not a zip archive)")
+        raise ValueError(
+            f"{path}: named like an exported model ({EXPORTED_SUFFIX}) but holds a checkpoint; rename it (e.g. to .ckpt)"
+        )
+    if is_code and not trusted:
+        raise TrustRequiredError(
+            f"{path}: {KIND_NAMES[kind][0].upper()}{KIND_NAMES[kind][1:]} is code: loading it can run anything its author put in it. "
+            "Load it only if you trust its source, with trusted=True (load_predictor, ESCNCalculator) "
+            "or --trust-exported (escn-predict); checkpoints (.ckpt) are data and need no trust"
+        )
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -258,8 +298,11 @@ class ExportedProgramPredictor(Predictor):
     """A ``torch.export`` program written by ``escn-export``."""
 
     def __init__(self, path: str | os.PathLike, device: torch.device) -> None:
+        # Read once, check, and hand torch the very bytes that were checked.
+        data = Path(path).read_bytes()
+        check_exported_archive(data, path)
         extra = {METADATA_KEY: ""}
-        program = torch.export.load(str(path), extra_files=extra)
+        program = torch.export.load(io.BytesIO(data), extra_files=extra)
         if not extra[METADATA_KEY]:
             raise ValueError(
                 f"{path}: torch.export program without '{METADATA_KEY}': it was not written by escn-export, "
@@ -364,13 +407,17 @@ def load_checkpoint_potential(
 
 
 # ---------------------------------------------------------------------------------------- entry point
-def load_predictor(path: str | os.PathLike, device: str | torch.device = "auto", use_ema: bool = True) -> Predictor:
+def load_predictor(
+    path: str | os.PathLike, device: str | torch.device = "auto", use_ema: bool = True, trusted: bool = False
+) -> Predictor:
     """A :class:`Predictor` for a checkpoint, exported program or AOTInductor package.
 
     ``use_ema`` applies to checkpoints (EMA weights when the checkpoint has them);
-    exported files carry the weights chosen at export time.
+    exported files carry the weights chosen at export time. ``trusted=True`` is required
+    for exported programs and AOTInductor packages, which are code (see the module docstring).
     """
     kind = artifact_kind(path)
+    check_model_file(path, kind, trusted)
     if kind == AOTI_PACKAGE:
         return AOTIPredictor(path, device)
     device = resolve_device(device)
