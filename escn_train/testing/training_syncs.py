@@ -47,11 +47,14 @@ def _fit(make_module: Callable[[], L.LightningModule], make_data: Callable[[], A
          make_callbacks: Callable[[], list[L.Callback]], root: str) -> SyncCounter:
     from lightning.pytorch.loggers import CSVLogger
 
-    module, data = make_module(), make_data()
+    from lightning.pytorch.callbacks import ProgressBar
+
+    module, data, callbacks = make_module(), make_data(), make_callbacks()
     trainer = L.Trainer(
         max_steps=steps, max_epochs=-1, log_every_n_steps=log_every, limit_val_batches=0, num_sanity_val_steps=0,
-        enable_model_summary=False, enable_progress_bar=False, enable_checkpointing=False, accelerator="auto", devices=1,
-        logger=CSVLogger(root, name="csv", version=""), callbacks=make_callbacks(), default_root_dir=root,
+        enable_model_summary=False, enable_progress_bar=any(isinstance(c, ProgressBar) for c in callbacks),
+        enable_checkpointing=False, accelerator="auto", devices=1, logger=CSVLogger(root, name="csv", version=""),
+        callbacks=callbacks, default_root_dir=root,
     )
     with SyncCounter(record_stack=True) as syncs:
         trainer.fit(module, datamodule=data)

@@ -296,8 +296,9 @@ class PotentialModule(L.LightningModule):
         num_structures = e_true.shape[0]
         for name, value in losses.items():
             if split == "train":
-                self.log(f"train/{name}", value, on_step=True, on_epoch=True, prog_bar=name == "loss",
-                         batch_size=num_structures)
+                # no prog_bar: Lightning would read it on the host after every batch (the
+                # progress bar reads it when it redraws, see escn_train.training.progress)
+                self.log(f"train/{name}", value, on_step=True, on_epoch=True, batch_size=num_structures)
             else:  # a structure-weighted mean with summed states, exact over uneven DDP shards
                 self.eval_loss_means[f"{split}_{name}"].update(value.detach(), weight=num_structures)
         result: dict[str, Any] = {"loss": losses["loss"]}
