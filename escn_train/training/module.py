@@ -459,7 +459,17 @@ class PotentialModule(L.LightningModule):
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> Any:
-        optimizer = build_optimizer(self.potential, self.optimizer_config)
+        precision = self.trainer.precision_plugin if self._trainer is not None else None
+        scaler = getattr(precision, "scaler", None)
+        # A gradient scaler (16-bit mixed precision) unscales inside a fused step, after
+        # clipping would have run: no fused step then (the non-finite guard reads its flags
+        # on the host at every step).
+        optimizer = build_optimizer(self.potential, self.optimizer_config, fused=False if scaler is not None else None)
+        if scaler is None and getattr(optimizer, "_step_supports_amp_scaling", False):
+            # This flag only tells a gradient scaler to hand the step its found_inf (the guard
+            # does that itself); Lightning's mixed-precision plugin also reads it as "unscales
+            # internally" and refuses gradient clipping, which without a scaler (bf16) is wrong.
+            optimizer._step_supports_amp_scaling = False
         total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 1
         scheduler = build_scheduler(optimizer, self.scheduler_config, max(1, total))
         if scheduler is None:

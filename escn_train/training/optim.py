@@ -64,10 +64,11 @@ def _number(config: Mapping[str, Any], key: str, prefix: str, default: Any, mini
     return float(value)
 
 
-def build_optimizer(module: nn.Module, config: Mapping[str, Any]) -> torch.optim.Optimizer:
-    """AdamW/Adam over :func:`parameter_groups` of ``module`` (fused where the device allows).
+def build_optimizer(module: nn.Module, config: Mapping[str, Any], fused: bool | None = None) -> torch.optim.Optimizer:
+    """AdamW/Adam over :func:`parameter_groups` of ``module``.
 
     Keys: ``name`` (adamw, adam), ``lr``, ``weight_decay``, ``amsgrad``, ``betas``, ``eps``.
+    ``fused``: the one-kernel step (None: where the parameters' device allows it).
     """
     config = dict(config)
     allowed = {"name", "lr", "weight_decay", "amsgrad", "betas", "eps"}
@@ -90,7 +91,8 @@ def build_optimizer(module: nn.Module, config: Mapping[str, Any]) -> torch.optim
     cls = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
     if name == "adam" and weight_decay:
         raise OptimConfigError("optimizer.weight_decay: Adam couples decay with the gradient; use name=adamw")
-    return cls(groups, lr=lr, betas=betas, eps=eps, amsgrad=amsgrad, fused=_fused_supported(groups))
+    fused = _fused_supported(groups) if fused is None else fused
+    return cls(groups, lr=lr, betas=betas, eps=eps, amsgrad=amsgrad, fused=fused)
 
 
 def _fused_supported(groups: list[dict[str, Any]]) -> bool:

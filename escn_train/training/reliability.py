@@ -189,9 +189,7 @@ def skips_on_device(trainer: Any, optimizer: Any) -> bool:
     if getattr(precision, "scaler", None) is not None:
         return False
     groups = getattr(optimizer, "param_groups", [])
-    return bool(getattr(optimizer, "_step_supports_amp_scaling", False)) and bool(groups) and all(
-        g.get("fused") for g in groups
-    )
+    return bool(groups) and all(g.get("fused") for g in groups)
 
 
 def rewind_step_schedules(trainer: Any, steps: int) -> None:
