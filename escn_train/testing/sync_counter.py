@@ -69,7 +69,9 @@ _REPEAT_INTERLEAVE = {aten.repeat_interleave.Tensor, aten.repeat_interleave.self
 _INDEX_WITH_MASK = {aten.index.Tensor, aten.index_put.default, aten.index_put_.default, aten._index_put_impl_.default}
 _COPIES = {aten._to_copy.default, aten.copy_.default}
 #: Frames skipped when naming where an event came from (libraries and this module).
-LIBRARY_FRAMES = ("/torch/", "/lightning/", "/lightning_utilities/", "/torchmetrics/", "escn_train/testing/sync_counter.py")
+LIBRARY_FRAMES = (
+    "/torch/", "/lightning/", "/lightning_utilities/", "/torchmetrics/", "escn_train/testing/sync_counter.py",
+)
 #: Tensor methods that read data on the host without passing through the dispatcher.
 _HOST_METHODS = {torch.Tensor.tolist: "tolist", torch.Tensor.numpy: "numpy"}
 

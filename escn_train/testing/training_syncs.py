@@ -38,7 +38,8 @@ class StepSyncs:
     outside_origins: Counter
 
     def __str__(self) -> str:
-        lines = [f"{self.per_step:g} syncs/step ({self.model_per_step:g} in the model, {self.outside_per_step:g} outside)"]
+        lines = [f"{self.per_step:g} syncs/step "
+                 f"({self.model_per_step:g} in the model, {self.outside_per_step:g} outside)"]
         lines += [f"  {n} × {where}" for where, n in self.outside_origins.most_common()]
         return "\n".join(lines)
 

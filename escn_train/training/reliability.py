@@ -4,9 +4,9 @@
   directory, flushed and fsync'ed, then moved over the target with ``os.replace``; a kill
   during a save leaves the previous file intact.
 * :class:`NonFiniteGuard`: a training step whose loss or gradients are not finite is
-  skipped (gradients dropped before clipping and the optimizer step), counted and logged
-  as ``train/skipped_steps``; after ``max_consecutive`` skipped steps in a row training
-  stops with :class:`NonFiniteLossError` naming the batch's structure ids.
+  skipped (decided on the device for fused optimizers, read at logging intervals), counted
+  and logged as ``train/skipped_steps``; after ``max_consecutive`` skipped steps in a row
+  training stops with :class:`NonFiniteLossError` naming the batch's structure ids.
 * :class:`GracefulShutdown`: on SIGTERM or SIGUSR1 the current step is finished, ``last.ckpt``
   is written (under SLURM, SIGUSR1: ``hpc_ckpt_N.ckpt`` and ``scontrol requeue``) and
   :class:`GracefulStop` ends ``fit``; ``train.py`` then exits with status 0. All ranks agree
@@ -261,7 +261,10 @@ class NonFiniteGuard(L.Callback):
             flags = torch.zeros(trainer.world_size, device=trainer.strategy.root_device)
             flags[trainer.global_rank] = code.to(flags.device)
             codes = trainer.strategy.reduce(flags, reduce_op="sum").to(device)
-        loss_value = loss.detach().float().reshape(-1)[:1].to(device) if loss is not None else torch.zeros(1, device=device)
+        if loss is not None:
+            loss_value = loss.detach().float().reshape(-1)[:1].to(device)
+        else:
+            loss_value = torch.zeros(1, device=device)
         self._trainer = trainer
         on_device = bool(grads) and skips_on_device(trainer, optimizer)
         self._pending.append(_GuardedStep(trainer.global_step, trainer.current_epoch, self._batch_idx, self._batch,
