@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def data() -> LmdbDataModule:
         return LmdbDataModule(train={"src": args.data, "subset": 64}, batch_size=4, progress=False,
-                              stats_cache_dir=str(ROOT / ".cache" / "bench_syncs"))
+                              stats_cache_dir=tempfile.gettempdir())
 
     for every in args.log_every:
         def callbacks() -> list:
