@@ -10,9 +10,11 @@ A training step is forward + loss (mean |E| + mean |F|) + backward + AdamW step,
 reference's bench; inference is a no-grad forward. Reported: median seconds over the timed
 runs (after one warm-up), FLOPs (torch FlopCounterMode), the FLOP rate as a fraction of a
 2048^3 float32 matmul timed in the same process, peak RSS (CPU) or peak allocated memory
-(GPU), and our/reference ratios.
+(GPU), and our/reference ratios. ``--precision fp32 bf16-mixed`` times ours in both, each
+against the reference's fp32 step (the reference's own code fails under bf16 autocast).
 
     python bench/bench_model.py --configs tiny large --steps 5 --reference-python /tmp/fairchem-ref/bin/python
+    python bench/bench_model.py --device cuda --precision fp32 bf16-mixed --reference-python /tmp/fairchem-ref/bin/python
 """
 
 from __future__ import annotations
@@ -161,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=5, help="timed runs after one warm-up (default 5)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16-mixed"])
+    parser.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16-mixed"],
+                        help="one or both; every row is compared with the reference's fp32 step")
     parser.add_argument("--batch", default=str(DEFAULT_BATCH))
     parser.add_argument("--reference-python", default=None,
                         help="python of the fairchem reference venv (setup.sh); omit to skip the reference")
@@ -179,17 +182,23 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.configs:
         config = CONFIGS[name]
         for mode in args.modes:
-            spec = {"impl": "ours", "batch_path": args.batch, "config": config, "mode": mode, "steps": args.steps,
-                    "threads": args.threads, "device": args.device, "precision": args.precision}
-            ours = _child([sys.executable, __file__, "--child", json.dumps(spec)], env)
-            row = {"config": name, "mode": mode, "ours": ours}
-            if args.reference_python:
-                ref_spec = json.dumps({**spec, "impl": "reference"})
-                row["reference"] = _child([args.reference_python, __file__, "--child", ref_spec], env)
-                row["speedup"] = row["reference"]["median_s"] / ours["median_s"]
-                row["memory_ratio"] = ours["peak_mb"] / row["reference"]["peak_mb"]
-            results.append(row)
-            print(_format_row(row), flush=True)
+            reference_fp32 = None
+            for precision in args.precision:
+                spec = {"impl": "ours", "batch_path": args.batch, "config": config, "mode": mode, "steps": args.steps,
+                        "threads": args.threads, "device": args.device, "precision": precision}
+                ours = _child([sys.executable, __file__, "--child", json.dumps(spec)], env)
+                row = {"config": name, "mode": mode, "precision": precision, "ours": ours}
+                if args.reference_python:
+                    # The reference runs in fp32 only: under bf16 autocast its own code fails
+                    # (index_add_ of a bf16 source into a float32 tensor).
+                    if reference_fp32 is None:
+                        ref_spec = json.dumps({**spec, "impl": "reference", "precision": "fp32"})
+                        reference_fp32 = _child([args.reference_python, __file__, "--child", ref_spec], env)
+                    row["reference"] = reference_fp32
+                    row["speedup"] = reference_fp32["median_s"] / ours["median_s"]
+                    row["memory_ratio"] = ours["peak_mb"] / reference_fp32["peak_mb"]
+                results.append(row)
+                print(_format_row(row), flush=True)
 
     report = {"date": datetime.date.today().isoformat(), "machine": _machine(args.device),
               "command": "python " + " ".join([Path(__file__).relative_to(ROOT).as_posix()] + (argv or sys.argv[1:])),
@@ -201,11 +210,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _format_row(row: dict) -> str:
     ours = row["ours"]
-    text = (f"{row['config']:5s} {row['mode']:5s} ours {ours['median_s']:.3f} s, {ours['gflop']:.1f} GFLOP, "
+    text = (f"{row['config']:5s} {row['mode']:5s} {row['precision']:10s} ours {ours['median_s']:.3f} s, {ours['gflop']:.1f} GFLOP, "
             f"{ours['flop_rate_fraction_of_matmul']:.2f} of matmul rate, peak {ours['peak_mb']:.0f} MB")
     if "reference" in row:
         ref = row["reference"]
-        text += (f" | reference {ref['median_s']:.3f} s, {ref['gflop']:.1f} GFLOP, peak {ref['peak_mb']:.0f} MB"
+        text += (f" | reference (fp32) {ref['median_s']:.3f} s, {ref['gflop']:.1f} GFLOP, peak {ref['peak_mb']:.0f} MB"
                  f" | speedup {row['speedup']:.2f}x, memory {row['memory_ratio']:.2f}x")
     return text
 

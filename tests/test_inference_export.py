@@ -133,12 +133,13 @@ def test_exported_program_reproduces_eager_without_training_code(checkpoint, tmp
         assert r["forces"] <= 5e-5 * r["forces_scale"]
 
 
-def test_structures_without_edges_are_predicted(checkpoint, tmp_path):
+def test_structures_without_edges_are_predicted(checkpoint, tmp_path, device):
     """The network cannot run on a graph without edges; the predictor pads with a throw-away
     structure. An edge-free structure gets the same prediction alone and next to others."""
-    assert main([str(checkpoint), "-o", str(tmp_path / "escn"), "--format", "export", "--device", "cpu", "--no-check"]) == 0
+    assert main([str(checkpoint), "-o", str(tmp_path / "escn"), "--format", "export", "--device", device.type,
+                 "--no-check"]) == 0
     lonely = Atoms("CuO", positions=[[0, 0, 0], [0, 0, 9.0]])
-    for predictor in (load_predictor(checkpoint, "cpu"), load_predictor(tmp_path / "escn.pt2", "cpu", trusted=True)):
+    for predictor in (load_predictor(checkpoint, device), load_predictor(tmp_path / "escn.pt2", device, trusted=True)):
         alone_e, alone_f = predictor.predict(_atoms_batch([lonely]))
         both_e, both_f = predictor.predict(_atoms_batch([lonely, bulk("Cu")]))
         assert alone_e.shape == (1,) and alone_f.shape == (2, 3)

@@ -51,7 +51,7 @@ def expected(potential: ESCNPotential, structures) -> tuple[np.ndarray, list[np.
     return np.array(energies), forces
 
 
-def test_lmdb_with_renamed_fields_gives_s2ef_layout(model, tmp_path):
+def test_lmdb_with_renamed_fields_gives_s2ef_layout(model, tmp_path, device):
     path, potential = model
     structures = [slab_with_adsorbate(2 + i % 2, i) for i in range(5)]
     lmdb = tmp_path / "val.lmdb"
@@ -65,7 +65,7 @@ def test_lmdb_with_renamed_fields_gives_s2ef_layout(model, tmp_path):
 
     out, xyz = tmp_path / "preds.npz", tmp_path / "preds.xyz"
     argv = [str(path), str(lmdb), "-o", str(out), "--key-mapping", "y=energy,force=forces", "--batch-size", "2",
-            "--extxyz", str(xyz), "--no-progress", "--device", "cpu"]
+            "--extxyz", str(xyz), "--no-progress", "--device", device.type]
     assert main(argv) == 0
     result = np.load(out)
     assert sorted(result.files) == ["chunk_idx", "energy", "forces", "ids"]

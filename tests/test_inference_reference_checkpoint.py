@@ -88,7 +88,7 @@ def reference_checkpoint(
 def assert_matches_reference(predictor, name: str, refs: torch.Tensor | None = None) -> None:
     fixture = load_fixture(name)
     batch = fixture_batch(name)
-    energy, forces = predictor.predict(batch)
+    energy, forces = (t.cpu() for t in predictor.predict(batch))
     expected_energy = fixture["energy"] * ENERGY_STD + ENERGY_MEAN
     if refs is not None:
         expected_energy = expected_energy + torch.zeros(4).index_add(0, batch.batch, refs[batch.atomic_numbers].float())
@@ -108,10 +108,10 @@ def assert_matches_reference(predictor, name: str, refs: torch.Tensor | None = N
     ],
     ids=["escn-old-kwargs-old-norms", "escn_export-trainer-config", "l4m2-old-kwargs", "l6m3-rescale"],
 )
-def test_converted_checkpoint_reproduces_reference(tmp_path, name, options):
+def test_converted_checkpoint_reproduces_reference(tmp_path, name, options, device):
     path = tmp_path / "converted.ckpt"
     torch.save(convert_checkpoint(reference_checkpoint(name, **options), source="test"), path)
-    assert_matches_reference(load_predictor(path, "cpu"), name)
+    assert_matches_reference(load_predictor(path, device), name)
 
 
 def test_ema_weights_are_used_and_can_be_skipped(tmp_path):

@@ -9,35 +9,35 @@ from reference_fixtures import build_model, fixture_batch, load_fixture
 NAME = "tiny_l2m1"
 
 
-def _args():
+def _args(device: torch.device | str = "cpu"):
     fixture = load_fixture(NAME)
     s, g = fixture["structures"], fixture["graph"]
     return [
-        s["pos"].clone(),
-        s["batch"].clone(),
-        s["natoms"].clone(),
-        s["atomic_numbers"].clone(),
-        g["edge_index"].clone(),
-        g["edge_distance"].clone(),
-        g["edge_distance_vec"].clone(),
+        s["pos"].clone().to(device),
+        s["batch"].clone().to(device),
+        s["natoms"].clone().to(device),
+        s["atomic_numbers"].clone().to(device),
+        g["edge_index"].clone().to(device),
+        g["edge_distance"].clone().to(device),
+        g["edge_distance_vec"].clone().to(device),
     ]
 
 
-def test_atomic_number_out_of_range_names_the_atom():
-    model = build_model(NAME, export=True)
-    args = _args()
+def test_atomic_number_out_of_range_names_the_atom(device):
+    model = build_model(NAME, export=True).to(device)
+    args = _args(device)
     args[3][5] = model.max_num_elements
     with pytest.raises(ValueError, match=r"atom 5 has atomic number 90.*max_num_elements=90"):
         model(*args)
-    batch = fixture_batch(NAME)
+    batch = fixture_batch(NAME).to(device)
     batch.atomic_numbers[7] = 120
     with pytest.raises(ValueError, match=r"atom 7 has atomic number 120"):
-        build_model(NAME)(batch)
+        build_model(NAME).to(device)(batch)
 
 
-def test_zero_length_edge_names_the_edge():
-    model = build_model(NAME, export=True)
-    args = _args()
+def test_zero_length_edge_names_the_edge(device):
+    model = build_model(NAME, export=True).to(device)
+    args = _args(device)
     args[6][3] = 0.0
     args[5][3] = 0.0
     source, target = args[4][:, 3].tolist()
@@ -46,15 +46,15 @@ def test_zero_length_edge_names_the_edge():
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
-def test_non_finite_position_names_the_atom(value):
-    args = _args()
+def test_non_finite_position_names_the_atom(value, device):
+    args = _args(device)
     args[0][11, 1] = value
     with pytest.raises(ValueError, match=r"atom 11 has a non-finite position"):
-        build_model(NAME, export=True)(*args)
-    batch = fixture_batch(NAME)
+        build_model(NAME, export=True).to(device)(*args)
+    batch = fixture_batch(NAME).to(device)
     batch.pos[11, 2] = value
     with pytest.raises(ValueError, match=r"atom 11 has a non-finite position"):
-        build_model(NAME)(batch)
+        build_model(NAME).to(device)(batch)
 
 
 def test_checks_are_skipped_inside_an_exported_program():
@@ -76,23 +76,23 @@ def test_invalid_configuration_is_refused():
         eSCN(lmax=2, mmax=1, num_layers=1, sphere_channels=8, hidden_channels=8, edge_channels=8, distance_function="cosine")
 
 
-def test_calling_convention_follows_the_export_flag():
-    batch = fixture_batch(NAME)
-    out = build_model(NAME)(batch)
+def test_calling_convention_follows_the_export_flag(device):
+    batch = fixture_batch(NAME).to(device)
+    out = build_model(NAME).to(device)(batch)
     assert isinstance(out, dict) and out["energy"].shape == (4,) and out["forces"].shape == (38, 3)
-    energy, forces = build_model(NAME, export=True)(*_args())
+    energy, forces = build_model(NAME, export=True).to(device)(*_args(device))
     assert energy.shape == (4,) and forces.shape == (38, 3)
 
 
-def test_structures_without_edges_get_zero_messages():
+def test_structures_without_edges_get_zero_messages(device):
     """An isolated atom (no neighbour within the cutoff) still gets a prediction."""
     from torch_geometric.data import Data
 
-    model = build_model(NAME)
+    model = build_model(NAME).to(device)
     lone = Data(
         pos=torch.zeros(1, 3), cell=torch.zeros(1, 3, 3), atomic_numbers=torch.tensor([29]),
         natoms=torch.tensor([1]), batch=torch.zeros(1, dtype=torch.long), pbc=torch.zeros(1, 3, dtype=torch.bool),
-    )
+    ).to(device)
     with torch.no_grad():
         out = model(lone)
     assert out["energy"].shape == (1,) and out["forces"].shape == (1, 3)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from devices import to_device
 from reference_fixtures import FIXTURE_NAMES, build_model, fixture_batch, frame_tolerance, load_fixture
 
 from escn_train.graph import radius_graph_pbc
@@ -64,9 +65,9 @@ def test_wigner_matches_reference(name):
 
 
 @pytest.mark.parametrize("name", FIXTURE_NAMES)
-def test_blocks_reproduce_reference_activations(name):
-    fixture = load_fixture(name)
-    model = build_model(name)
+def test_blocks_reproduce_reference_activations(name, device):
+    fixture = to_device(load_fixture(name), device)
+    model = build_model(name).to(device)
     s, g = fixture["structures"], fixture["graph"]
     wigner = model.wigner(fixture["edge_rot_mat"])
     assert len(fixture["layers"]) == 2 * fixture["config"]["num_layers"]
@@ -90,10 +91,11 @@ def _fixture_edge_set(fixture: dict) -> set[tuple[int, int, tuple[int, ...]]]:
 
 
 @pytest.mark.parametrize("name", FIXTURE_NAMES)
-def test_graph_equals_reference_edge_set(name):
+def test_graph_equals_reference_edge_set(name, device):
     fixture = load_fixture(name)
-    s, config = fixture["structures"], fixture["config"]
-    graph = radius_graph_pbc(s["pos"], s["cell"], s["natoms"], config["cutoff"], config["max_neighbors"])
+    s, config = to_device(fixture["structures"], device), fixture["config"]
+    graph = to_device(radius_graph_pbc(s["pos"], s["cell"], s["natoms"], config["cutoff"], config["max_neighbors"]),
+                      "cpu")
     ours = set(zip(graph.edge_index[0].tolist(), graph.edge_index[1].tolist(), map(tuple, graph.cell_offsets.tolist())))
     assert len(ours) == graph.edge_index.shape[1]
     assert ours == _fixture_edge_set(fixture)
@@ -101,37 +103,37 @@ def test_graph_equals_reference_edge_set(name):
 
 
 @pytest.mark.parametrize("name", FIXTURE_NAMES)
-def test_forward_with_reference_frames_is_exact(name):
+def test_forward_with_reference_frames_is_exact(name, device):
     fixture = load_fixture(name)
-    model = build_model(name)
-    s, g = fixture["structures"], fixture["graph"]
+    model = build_model(name).to(device)
+    s, g, frames = to_device((fixture["structures"], fixture["graph"], fixture["edge_rot_mat"]), device)
     with torch.no_grad():
-        energy, forces = model.forward_with_frames(
-            s["batch"], s["natoms"], s["atomic_numbers"], g["edge_index"], g["edge_distance"], fixture["edge_rot_mat"]
-        )
+        energy, forces = to_device(model.forward_with_frames(
+            s["batch"], s["natoms"], s["atomic_numbers"], g["edge_index"], g["edge_distance"], frames
+        ), "cpu")
     assert (energy - fixture["energy"]).abs().max().item() <= frame_tolerance(fixture, "energy")
     assert (forces - fixture["forces"]).abs().max().item() <= frame_tolerance(fixture, "forces")
 
 
 @pytest.mark.parametrize("name", FIXTURE_NAMES)
-def test_forward_with_own_frames_within_frame_spread(name):
+def test_forward_with_own_frames_within_frame_spread(name, device):
     fixture = load_fixture(name)
-    model = build_model(name, export=True)
-    s, g = fixture["structures"], fixture["graph"]
+    model = build_model(name, export=True).to(device)
+    s, g = to_device((fixture["structures"], fixture["graph"]), device)
     with torch.no_grad():
-        energy, forces = model(
+        energy, forces = to_device(model(
             s["pos"], s["batch"], s["natoms"], s["atomic_numbers"], g["edge_index"], g["edge_distance"], g["edge_distance_vec"]
-        )
+        ), "cpu")
     assert (energy - fixture["energy"]).abs().max().item() <= frame_tolerance(fixture, "energy")
     assert (forces - fixture["forces"]).abs().max().item() <= frame_tolerance(fixture, "forces")
 
 
 @pytest.mark.parametrize("name", FIXTURE_NAMES)
-def test_forward_trainable_builds_graph_and_matches(name):
+def test_forward_trainable_builds_graph_and_matches(name, device):
     fixture = load_fixture(name)
-    model = build_model(name)
+    model = build_model(name).to(device)
     with torch.no_grad():
-        out = model(fixture_batch(name))
+        out = to_device(model(fixture_batch(name).to(device)), "cpu")
     assert set(out) == {"energy", "forces"}
     assert (out["energy"] - fixture["energy"]).abs().max().item() <= frame_tolerance(fixture, "energy")
     assert (out["forces"] - fixture["forces"]).abs().max().item() <= frame_tolerance(fixture, "forces")

@@ -68,11 +68,12 @@ def test_batch_sampler_resumes_mid_epoch_without_replay_or_skip():
 class _Toy(L.LightningModule):
     """y = w·x on batches carrying a ``sid``; records which steps changed the weights."""
 
-    def __init__(self, manual: bool = False) -> None:
+    def __init__(self, manual: bool = False, fused: bool = False, schedule: bool = False) -> None:
         super().__init__()
         self.layer = torch.nn.Linear(3, 1)
         self.automatic_optimization = not manual
         self.weights: list[torch.Tensor] = []
+        self.fused, self.schedule = fused, schedule
 
     def training_step(self, batch, batch_idx):
         x, y = batch.x, batch.y
@@ -90,7 +91,11 @@ class _Toy(L.LightningModule):
         self.weights.append(self.layer.weight.detach().clone())
 
     def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=0.1)
+        optimizer = torch.optim.AdamW(self.parameters(), lr=0.1, fused=self.fused)
+        if not self.schedule:
+            return optimizer
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
 def _toy_loader(bad: set[int], n: int = 8):
@@ -101,31 +106,60 @@ def _toy_loader(bad: set[int], n: int = 8):
     return torch.utils.data.DataLoader(batches, batch_size=None, collate_fn=lambda b: b)
 
 
-def _fit_toy(bad: set[int], manual: bool, max_consecutive: int = 3):
-    model, guard = _Toy(manual), NonFiniteGuard(max_consecutive)
+def _fit_toy(bad: set[int], manual: bool, max_consecutive: int = 3, fused: bool = False, schedule: bool = False,
+             log_every_n_steps: int = 50):
+    model, guard = _Toy(manual, fused, schedule), NonFiniteGuard(max_consecutive)
     trainer = L.Trainer(
         max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
         enable_checkpointing=False, callbacks=[guard], gradient_clip_val=None if manual else 1.0,
+        log_every_n_steps=log_every_n_steps,
     )
     trainer.fit(model, _toy_loader(bad))
     return model, guard, trainer
 
 
+# fused: the skip is decided on the device (the optimizer's found_inf) and read at logging
+# intervals / the epoch end; not fused: read on the host at every step
+@pytest.mark.parametrize("fused", [False, True], ids=["host", "device"])
 @pytest.mark.parametrize("manual", [False, True])
-def test_nonfinite_steps_are_skipped_and_counted(manual):
-    model, guard, trainer = _fit_toy({2, 5}, manual)
+def test_nonfinite_steps_are_skipped_and_counted(manual, fused):
+    model, guard, trainer = _fit_toy({2, 5}, manual, fused=fused)
     assert guard.skipped == 2
     assert torch.isfinite(model.layer.weight).all()
     w = model.weights
     assert torch.equal(w[2], w[1]) and torch.equal(w[5], w[4])  # skipped: weights untouched
     assert not torch.equal(w[3], w[2])  # training goes on afterwards
     assert trainer.callback_metrics["train/skipped_steps"] == 2
+    steps = {int(state["step"]) for state in trainer.optimizers[0].state.values()}
+    assert steps == {6}  # the optimizer counted the 6 applied steps only
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["host", "device"])
 @pytest.mark.parametrize("manual", [False, True])
-def test_consecutive_nonfinite_steps_stop_naming_the_batch(manual):
+def test_consecutive_nonfinite_steps_stop_naming_the_batch(manual, fused, capsys):
     with pytest.raises(NonFiniteLossError, match=r"3 consecutive .* batch 4, sid 40, 41"):
-        _fit_toy({2, 3, 4}, manual)
+        _fit_toy({2, 3, 4}, manual, fused=fused)
+    printed = capsys.readouterr().out
+    assert "WARNING: skipped training step 2 (loss=nan and non-finite gradients) at epoch 0, batch 2, sid 20, 21" in printed
+    assert "batch 5" not in printed
+
+
+@pytest.mark.parametrize("log_every_n_steps", [1, 3, 50])
+def test_steps_skipped_on_the_device_leave_the_lr_schedule_at_the_applied_steps(log_every_n_steps, capsys):
+    torch.manual_seed(0)
+    host, _, _ = _fit_toy({2, 5}, False, fused=False, schedule=True)
+    torch.manual_seed(0)
+    device, guard, trainer = _fit_toy({2, 5}, False, fused=True, schedule=True, log_every_n_steps=log_every_n_steps)
+    for run in (host, device):  # 8 steps, 2 skipped: the schedule stands at 6 applied steps
+        assert run.trainer.lr_scheduler_configs[0].scheduler.last_epoch == 6
+        assert run.trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.1 / 7)
+    assert guard.skipped == 2
+    # read after every step, the device-decided run follows the host-decided one (same LRs)
+    # up to the fused kernel's round-off; with later reads a skipped step's LR runs ahead
+    # until the read
+    if log_every_n_steps == 1:
+        assert torch.allclose(device.layer.weight, host.layer.weight, rtol=1e-5, atol=1e-6)
+    assert capsys.readouterr().out.count("WARNING: skipped training step") == 4  # 2 per run
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -490,7 +524,7 @@ def test_empty_micro_batches_leave_the_gradient_mean_and_a_step_without_data_is_
     assert all(p.grad is None for p in params) and module.step_skipped and module.empty_steps == 1
     module.lr_scheduler_step(scheduler, None)  # skipped steps do not advance a step-interval schedule
     assert scheduler.last_epoch == 0
-    module.step_skipped = False
+    module.step_skipped = module._no_data_step = False  # as at the start of the next optimizer step
     module.lr_scheduler_step(scheduler, None)
     assert scheduler.last_epoch == 1
 

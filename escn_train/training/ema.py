@@ -45,16 +45,26 @@ class ExponentialMovingAverage(nn.Module):
         return self
 
     def current_decay(self) -> float:
-        """The decay the next update uses."""
-        t = int(self.num_updates)
+        """The decay the next update uses (reads the update count on the host)."""
+        return float(self._decay_tensor())
+
+    def _decay_tensor(self) -> torch.Tensor:
+        """The next update's decay as a 0-dim float64 tensor on the counter's device (no host sync)."""
+        t = self.num_updates.to(torch.float64)
         if self.warmup:
-            return min(self.decay, (1.0 + t) / (10.0 + t))
-        return self.decay
+            return torch.clamp((1.0 + t) / (10.0 + t), max=self.decay)
+        return torch.full_like(t, self.decay)
 
     @torch.no_grad()
-    def update(self, module: nn.Module) -> None:
-        """Blend ``module``'s trainable weights into the average; copy everything else."""
-        decay = self.current_decay()
+    def update(self, module: nn.Module, applied: torch.Tensor | None = None) -> None:
+        """Blend ``module``'s trainable weights into the average; copy everything else.
+
+        ``applied``: a 0-dim bool tensor; False leaves the average and the update count alone
+        (a step skipped on the device), without a host sync.
+        """
+        weight = 1.0 - self._decay_tensor()
+        if applied is not None:
+            weight = weight * applied
         ema_params = dict(self.module.named_parameters())
         averaged, current = [], []
         for name, param in module.named_parameters():
@@ -64,12 +74,15 @@ class ExponentialMovingAverage(nn.Module):
                 current.append(param.detach().to(target.dtype))
             else:
                 target.copy_(param.detach())
-        if averaged:
-            torch._foreach_lerp_(averaged, current, 1.0 - decay)
+        for dtype in {t.dtype for t in averaged}:  # ema += w (param - ema), w a device scalar
+            group = [i for i, t in enumerate(averaged) if t.dtype == dtype]
+            delta = torch._foreach_sub([current[i] for i in group], [averaged[i] for i in group])
+            torch._foreach_mul_(delta, weight.to(dtype))
+            torch._foreach_add_([averaged[i] for i in group], delta)
         ema_buffers = dict(self.module.named_buffers())
         for name, buf in module.named_buffers():
             ema_buffers[name].copy_(buf)
-        self.num_updates += 1
+        self.num_updates += 1 if applied is None else applied.to(self.num_updates.dtype)
 
     @torch.no_grad()
     def copy_from(self, module: nn.Module) -> None:

@@ -28,23 +28,20 @@ class LossConfigError(ValueError):
     """A loss setting is invalid; the message names the config key."""
 
 
-def _elementwise_loss(pred: torch.Tensor, target: torch.Tensor, kind: str, delta: float) -> torch.Tensor | None:
-    """Mean of an elementwise loss shared by energies and forces; None for an unknown kind."""
+def _elementwise_loss(error: torch.Tensor, kind: str, delta: float) -> torch.Tensor:
+    """Per-element ``mae`` / ``mse`` / ``huber`` loss of an error ``pred - target``."""
     if kind == "mae":
-        return (pred - target).abs().mean()
+        return error.abs()
     if kind == "mse":
-        return (pred - target).pow(2).mean()
-    if kind == "huber":
-        return F.huber_loss(pred, target, delta=delta)
-    return None
+        return error.pow(2)
+    return F.huber_loss(error, torch.zeros_like(error), delta=delta, reduction="none")
 
 
 def energy_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "mae", delta: float = 1.0) -> torch.Tensor:
     """Mean energy loss over structures (``pred``, ``target``: [B])."""
-    loss = _elementwise_loss(pred.float().view(-1), target.float().view(-1), kind, delta)
-    if loss is None:
+    if kind not in ENERGY_LOSSES:
         raise LossConfigError(f"loss.energy.type: unknown energy loss {kind!r}; choose from {', '.join(ENERGY_LOSSES)}")
-    return loss
+    return _elementwise_loss(pred.float().view(-1) - target.float().view(-1), kind, delta).mean()
 
 
 def force_loss(
@@ -54,19 +51,24 @@ def force_loss(
     mask: torch.Tensor | None = None,
     delta: float = 1.0,
 ) -> torch.Tensor:
-    """Mean force loss over the atoms selected by ``mask`` (``pred``, ``target``: [N, 3])."""
-    pred, target = pred.float(), target.float()
-    if mask is not None:
-        pred, target = pred[mask], target[mask]
-    if pred.shape[0] == 0:
-        # No atom selected (e.g. only fixed atoms): zero loss, gradient path kept for DDP.
-        return pred.sum() * 0.0
-    if kind == "l2mae":
-        return torch.linalg.vector_norm(pred - target, dim=-1).mean()
-    loss = _elementwise_loss(pred, target, kind, delta)
-    if loss is None:
+    """Mean force loss over the atoms selected by ``mask`` (``pred``, ``target``: [N, 3]).
+
+    The mask weights the per-atom errors instead of selecting rows, so the loss has a fixed
+    shape and no host sync; unselected atoms get an exact zero error and gradient. With no
+    atom selected (e.g. only fixed atoms) the loss is zero and still reaches ``pred`` (DDP).
+    """
+    if kind not in FORCE_LOSSES:
         raise LossConfigError(f"loss.forces.type: unknown force loss {kind!r}; choose from {', '.join(FORCE_LOSSES)}")
-    return loss
+    error = pred.float() - target.float()
+    count: torch.Tensor | float = float(max(error.shape[0], 1))
+    if mask is not None:
+        keep = mask.view(-1, 1)
+        error = torch.where(keep, error, 0.0)
+        count = keep.sum().float().clamp(min=1.0)
+    if kind == "l2mae":
+        # the norm's gradient at an exactly zero error vector is defined as zero
+        return torch.linalg.vector_norm(error, dim=-1).sum() / count
+    return _elementwise_loss(error, kind, delta).sum() / (3.0 * count)
 
 
 @dataclass(frozen=True)

@@ -27,9 +27,10 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from torch import nn
 from torchmetrics import MeanMetric
 
-from escn_train.models.escn import eSCN
+from escn_train.models.escn import MIN_EDGE_LENGTH, eSCN
 from escn_train.models.potential import ESCNPotential
 from escn_train.training.ema import ExponentialMovingAverage
 from escn_train.training.losses import EnergyForceLoss
@@ -150,6 +151,9 @@ class PotentialModule(L.LightningModule):
         self.last_train_loss: torch.Tensor | None = None
         #: Set by the guard when this batch's optimizer step was skipped (the EMA skips it too).
         self.step_skipped = False
+        #: Set by the guard when it decides on the device: a 0-dim bool tensor, False for a skipped
+        #: step (the EMA then leaves it out without a host sync); None when decided on the host.
+        self.step_applied: torch.Tensor | None = None
         #: Bad samples dropped per split on this rank (``data.skip_bad_samples``); their sum over
         #: ranks is logged as data/skipped_samples_<split> at each epoch end.
         self.skipped_samples = {split: 0 for split in SPLITS}
@@ -157,6 +161,10 @@ class PotentialModule(L.LightningModule):
         self._micro_batches = [0, 0]
         #: Training steps skipped because no rank had any data (all structures bad).
         self.empty_steps = 0
+        #: Whether the current step is one of those (its LR-schedule step is left out).
+        self._no_data_step = False
+        #: The models' ``check_inputs`` values while :meth:`setup` has turned them off.
+        self._saved_input_checks: list[bool] | None = None
         #: Whether training micro-batches can be empty (skip mode); set at train start.
         self._may_be_empty = True
 
@@ -196,11 +204,51 @@ class PotentialModule(L.LightningModule):
             "element_references": pot.element_references.tolist(),
         }
 
+    # ------------------------------------------------------------------ input checks
+    def _models(self) -> list[nn.Module]:
+        models = [self.potential.model]
+        if self.ema is not None:
+            models.append(self.ema.module.model)
+        return models
+
+    def _samples_checked(self, datamodule: Any) -> bool:
+        """Whether the datamodule's sample checker already tests what the model's eager input checks test.
+
+        That is finite positions, atomic numbers the model can embed and no (near) zero-length
+        edge: ``check_samples`` on, an element range within the model's and an overlap distance.
+        """
+        if not getattr(datamodule, "check_samples", False):
+            return False
+        max_elements = getattr(datamodule, "max_num_elements", None)
+        min_distance = getattr(datamodule, "min_distance", None)
+        model = self.potential.model
+        return (max_elements is not None and max_elements <= model.max_num_elements
+                and min_distance is not None and min_distance >= MIN_EDGE_LENGTH)
+
+    def _models_with_input_checks(self) -> list[nn.Module]:
+        return [m for m in self._models() if getattr(m, "check_inputs", None) is not None]
+
+    def teardown(self, stage: str) -> None:
+        """Put the model's eager input checks back as they were before :meth:`setup`."""
+        saved, self._saved_input_checks = self._saved_input_checks, None
+        for model, enabled in zip(self._models_with_input_checks(), saved or []):
+            model.check_inputs = enabled
+
     def setup(self, stage: str) -> None:
-        """Fit the normalisers on the train split (rank 0 computes, the others receive)."""
+        """Fit the normalisers on the train split (rank 0 computes, the others receive).
+
+        When the datamodule checks every structure as it is read (``data.check_samples``),
+        the model's own eager input checks, which read flags on the host every step, are
+        turned off until :meth:`teardown`.
+        """
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if self._samples_checked(datamodule) and self._saved_input_checks is None:
+            models = self._models_with_input_checks()
+            self._saved_input_checks = [m.check_inputs for m in models]
+            for model in models:
+                model.check_inputs = False
         if self.normalizers_ready or stage != "fit":
             return
-        datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is None or not hasattr(datamodule, "statistics"):
             raise ValueError(
                 "normalizer: energy_mean, energy_std and force_std must be given when the datamodule "
@@ -248,23 +296,23 @@ class PotentialModule(L.LightningModule):
         num_structures = e_true.shape[0]
         for name, value in losses.items():
             if split == "train":
-                self.log(f"train/{name}", value, on_step=True, on_epoch=True, prog_bar=name == "loss",
-                         batch_size=num_structures)
+                # no prog_bar: Lightning would read it on the host after every batch (the
+                # progress bar reads it when it redraws, see escn_train.training.progress)
+                self.log(f"train/{name}", value, on_step=True, on_epoch=True, batch_size=num_structures)
             else:  # a structure-weighted mean with summed states, exact over uneven DDP shards
                 self.eval_loss_means[f"{split}_{name}"].update(value.detach(), weight=num_structures)
         result: dict[str, Any] = {"loss": losses["loss"]}
+        include = None
         if split == "train":
             self.last_train_loss = losses["loss"].detach()
             if not self.train_metrics:
                 return result
-            if not bool(torch.isfinite(self.last_train_loss)):
-                # a non-finite step is skipped (NonFiniteGuard); keep it out of the metrics
-                self._log_metric_states(split, num_structures)
-                return result
+            # a non-finite step is skipped (NonFiniteGuard): the metrics leave it out, on the device
+            include = torch.isfinite(self.last_train_loss)
         with torch.no_grad():
             e_phys, f_phys = potential.to_physical(e_pred.detach(), f_pred.detach(), z, batch_idx)
             mask = self._force_mask(batch, for_metrics=True)
-            self.metrics[f"{split}_metrics"].update(e_phys, e_true, f_phys, f_true, batch_idx, mask)
+            self.metrics[f"{split}_metrics"].update(e_phys, e_true, f_phys, f_true, batch_idx, mask, include)
         self._log_metric_states(split, num_structures)
         if split != "train" and self.collect_predictions:
             keep = mask if mask is not None else slice(None)
@@ -356,7 +404,7 @@ class PotentialModule(L.LightningModule):
             return
         if filled == 0:
             optimizer.zero_grad(set_to_none=True)
-            self.step_skipped = True
+            self.step_skipped = self._no_data_step = True
             self.empty_steps += 1
             if trainer.is_global_zero:
                 print(f"WARNING: skipped training step {trainer.global_step}: every structure of its batches was "
@@ -383,8 +431,9 @@ class PotentialModule(L.LightningModule):
         self._epoch_end_skipped("test")
 
     def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
-        """Step-interval schedules do not advance on skipped steps (non-finite, or no data)."""
-        if self.step_skipped:
+        """Step-interval schedules do not advance on steps without data (the non-finite guard
+        moves them back for the steps it skips, see :func:`~escn_train.training.reliability.rewind_step_schedules`)."""
+        if self._no_data_step:
             interval = next((c.interval for c in self.trainer.lr_scheduler_configs if c.scheduler is scheduler), "step")
             if interval == "step":
                 return
@@ -402,14 +451,25 @@ class PotentialModule(L.LightningModule):
         checkpoint that callbacks write at the end of batch k (exact resume). Steps skipped
         by the non-finite guard leave the EMA alone.
         """
-        self.step_skipped = False
+        self.step_skipped = self._no_data_step = False
+        self.step_applied = None
         super().optimizer_step(*args, **kwargs)
         if self.ema is not None and not self.step_skipped:
-            self.ema.update(self.potential)
+            self.ema.update(self.potential, applied=self.step_applied)
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> Any:
-        optimizer = build_optimizer(self.potential, self.optimizer_config)
+        precision = self.trainer.precision_plugin if self._trainer is not None else None
+        scaler = getattr(precision, "scaler", None)
+        # A gradient scaler (16-bit mixed precision) unscales inside a fused step, after
+        # clipping would have run: no fused step then (the non-finite guard reads its flags
+        # on the host at every step).
+        optimizer = build_optimizer(self.potential, self.optimizer_config, fused=False if scaler is not None else None)
+        if scaler is None and getattr(optimizer, "_step_supports_amp_scaling", False):
+            # This flag only tells a gradient scaler to hand the step its found_inf (the guard
+            # does that itself); Lightning's mixed-precision plugin also reads it as "unscales
+            # internally" and refuses gradient clipping, which without a scaler (bf16) is wrong.
+            optimizer._step_supports_amp_scaling = False
         total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 1
         scheduler = build_scheduler(optimizer, self.scheduler_config, max(1, total))
         if scheduler is None:

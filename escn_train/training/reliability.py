@@ -5,9 +5,9 @@
   during a save leaves the previous file intact. A failed write (disk full, quota) removes
   the temporary and raises :class:`CheckpointWriteError`, one line naming the file.
 * :class:`NonFiniteGuard`: a training step whose loss or gradients are not finite is
-  skipped (gradients dropped before clipping and the optimizer step), counted and logged
-  as ``train/skipped_steps``; after ``max_consecutive`` skipped steps in a row training
-  stops with :class:`NonFiniteLossError` naming the batch's structure ids.
+  skipped (decided on the device for fused optimizers, read at logging intervals), counted
+  and logged as ``train/skipped_steps``; after ``max_consecutive`` skipped steps in a row
+  training stops with :class:`NonFiniteLossError` naming the batch's structure ids.
 * :class:`GracefulShutdown`: on SIGTERM or SIGUSR1 the current step is finished, ``last.ckpt``
   is written (under SLURM, SIGUSR1: ``hpc_ckpt_N.ckpt`` and ``scontrol requeue``) and
   :class:`GracefulStop` ends ``fit``; ``train.py`` then exits with status 0. All ranks agree
@@ -26,6 +26,7 @@ import signal
 import subprocess
 import tempfile
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -179,14 +180,87 @@ def _batch_ids(batch: Any, limit: int = 20) -> str:
     return "sid " + ", ".join(str(v) for v in values[:limit]) + more
 
 
+@dataclass
+class _GuardedStep:
+    """What the guard keeps of one optimizer step until its flags are read on the host."""
+
+    global_step: int
+    epoch: int
+    batch_idx: int
+    batch: Any
+    values: torch.Tensor  # [1 + world size]: the loss, then each rank's code (1: loss, 2: gradients)
+
+
+def nonfinite_code(loss: torch.Tensor | None, grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """A 0-dim float tensor on ``device``: 1 if ``loss`` is not finite, plus 2 if a gradient is not.
+
+    Uses the mixed-precision kernel that checks many tensors in one pass (one launch per
+    device and dtype, no host sync); its unscale factor is 1, so the gradients are unchanged.
+    """
+    found = torch.zeros(1, device=device)
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for grad in grads:
+        groups.setdefault((grad.device, grad.dtype), []).append(grad)
+    for (grad_device, _), tensors in groups.items():
+        flag = torch.zeros(1, device=grad_device)
+        torch._amp_foreach_non_finite_check_and_unscale_(tensors, flag, torch.ones(1, device=grad_device))
+        found = torch.maximum(found, flag.to(device, non_blocking=True))
+    code = 2.0 * found[0]
+    if loss is not None:
+        code = code + (~torch.isfinite(loss.detach()).all()).to(code.dtype).to(device, non_blocking=True)
+    return code
+
+
+def skips_on_device(trainer: Any, optimizer: Any) -> bool:
+    """Whether ``optimizer`` can skip a step from a device flag (fused Adam/AdamW/SGD take ``found_inf``).
+
+    Not with a gradient scaler (16-bit mixed precision), which sets that flag itself.
+    """
+    precision = getattr(getattr(trainer, "strategy", None), "precision_plugin", None)
+    if getattr(precision, "scaler", None) is not None:
+        return False
+    groups = getattr(optimizer, "param_groups", [])
+    return bool(groups) and all(g.get("fused") for g in groups)
+
+
+def rewind_step_schedules(trainer: Any, steps: int) -> None:
+    """Take ``steps`` skipped optimizer steps back out of the per-step LR schedules (``LambdaLR``).
+
+    Lightning steps the schedules after every optimizer step, skipped or not; taking the
+    skipped ones back when their flags are read (for a step skipped on the device, at the
+    next read) makes warm-up and decay count applied steps only. Other schedule kinds
+    (epoch interval, ``frequency`` > 1, not a ``LambdaLR``) are left alone.
+    """
+    for config in getattr(trainer, "lr_scheduler_configs", []):
+        scheduler = config.scheduler
+        if config.interval != "step" or config.frequency != 1:
+            continue
+        if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+            continue
+        scheduler.last_epoch -= steps
+        lrs = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+        for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        scheduler._last_lr = lrs
+
+
 class NonFiniteGuard(L.Callback):
     """Skip optimizer steps with a non-finite loss or gradient; fail after ``max_consecutive``.
 
     The check runs in ``on_before_optimizer_step`` (after backward and the DDP gradient
     all-reduce, before clipping and ``optimizer.step``), so it works with automatic and
-    manual optimization and with gradient clipping. A skipped step drops every gradient
-    (``grad = None``), so the optimizer leaves weights and moments alone, and the EMA is
-    not updated for it.
+    manual optimization and with gradient clipping.
+
+    With a fused optimizer (what :func:`~escn_train.training.optim.build_optimizer` builds)
+    the decision stays on the device: the flag goes to the optimizer as ``found_inf`` (the
+    fused kernels then leave weights, moments and step counts alone, as under a gradient
+    scaler), and to the module as ``step_applied`` (the EMA skips the step). The flags are
+    read on the host every ``trainer.log_every_n_steps`` batches, at the end of the epoch and
+    when a checkpoint is written: only then are the warnings printed, ``train/skipped_steps``
+    logged, per-step LR schedules moved back by the skipped steps, and
+    :class:`NonFiniteLossError` raised for a streak of ``max_consecutive`` (naming the step
+    where the streak reached it). Other optimizers are checked on the host at every step
+    (one sync) and a skipped step drops every gradient (``grad = None``).
     """
 
     def __init__(self, max_consecutive: int = 5) -> None:
@@ -197,6 +271,10 @@ class NonFiniteGuard(L.Callback):
         self.consecutive = 0
         self._batch: Any = None
         self._batch_idx = -1
+        self._pending: list[_GuardedStep] = []
+        self._deferred_optimizers: list[Any] = []
+        self._streak_at = ""
+        self._trainer: Any = None  # the trainer of the pending steps (for reads from state_dict)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         self._batch, self._batch_idx = batch, batch_idx
@@ -204,47 +282,103 @@ class NonFiniteGuard(L.Callback):
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
         loss = getattr(pl_module, "last_train_loss", None)
-        loss_bad = loss is not None and not bool(torch.isfinite(loss).all())
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        grads_bad = bool(grads) and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
-        code = int(loss_bad) + 2 * int(grads_bad)
-        codes = [code]
+        device = grads[0].device if grads else loss.device if loss is not None else trainer.strategy.root_device
+        code = nonfinite_code(loss, grads, device)
+        codes = code.view(1)
         if trainer.world_size > 1:
             # Agree across ranks: one rank must never skip while another steps (the counters and
             # the NonFiniteLossError stay identical on every rank). A per-rank code, summed.
             flags = torch.zeros(trainer.world_size, device=trainer.strategy.root_device)
-            flags[trainer.global_rank] = float(code)
-            codes = [int(v) for v in trainer.strategy.reduce(flags, reduce_op="sum").tolist()]
-        bad = []
-        if loss_bad:
-            bad.append(f"loss={float(loss)}")
-        others = [rank for rank, c in enumerate(codes) if c & 1 and rank != trainer.global_rank]
-        if others and len(codes) > 1:
-            bad.append(f"non-finite loss on rank {', '.join(map(str, others))}")
-        if any(c & 2 for c in codes):
-            bad.append("non-finite gradients")
-        if not bad:
-            self.consecutive = 0
+            flags[trainer.global_rank] = code.to(flags.device)
+            codes = trainer.strategy.reduce(flags, reduce_op="sum").to(device)
+        if loss is not None:
+            loss_value = loss.detach().float().reshape(-1)[:1].to(device)
+        else:
+            loss_value = torch.zeros(1, device=device)
+        self._trainer = trainer
+        on_device = bool(grads) and skips_on_device(trainer, optimizer)
+        self._pending.append(_GuardedStep(trainer.global_step, trainer.current_epoch, self._batch_idx, self._batch,
+                                          torch.cat([loss_value, codes.float()])))
+        if on_device:
+            bad = codes.sum() > 0
+            optimizer.found_inf = bad.float()
+            self._deferred_optimizers.append(optimizer)
+            pl_module.step_applied = ~bad
             return
-        optimizer.zero_grad(set_to_none=True)
-        pl_module.step_skipped = True
-        self.skipped += 1
-        self.consecutive += 1
-        where = f"epoch {trainer.current_epoch}, batch {self._batch_idx}, {_batch_ids(self._batch)}"
-        message = f"skipped training step {trainer.global_step} ({' and '.join(bad)}) at {where}"
-        log.warning(message)
-        if trainer.is_global_zero:
-            print(f"WARNING: {message}", flush=True)
+        if self._read(trainer, raise_error=False):  # host path: this step's flags now, one sync
+            optimizer.zero_grad(set_to_none=True)
+            pl_module.step_skipped = True
+        self._raise_on_streak()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        for optimizer in self._deferred_optimizers:  # the flag belongs to the step just taken
+            optimizer.__dict__.pop("found_inf", None)
+        self._deferred_optimizers = []
+        if (batch_idx + 1) % max(1, trainer.log_every_n_steps) == 0:
+            self._read(trainer)
+            pl_module.log("train/skipped_steps", float(self.skipped), on_step=True, on_epoch=False, batch_size=1)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._read(trainer)
+        pl_module.log("train/skipped_steps", float(self.skipped), on_step=False, on_epoch=True, batch_size=1,
+                      reduce_fx="max")
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._read(trainer, raise_error=False)  # report what was skipped before the run stopped
+
+    def _read(self, trainer: Any, raise_error: bool = True) -> bool:
+        """Read the pending steps' flags (one host sync) and report the skipped ones.
+
+        Returns whether the last step read was skipped. With ``raise_error``, a streak of
+        ``max_consecutive`` raises :class:`NonFiniteLossError` at the step that reached it.
+        """
+        if not self._pending:
+            return False
+        pending, self._pending = self._pending, []
+        rows = torch.stack([step.values for step in pending]).tolist()
+        skipped = 0
+        bad: list[str] = []
+        for step, row in zip(pending, rows):
+            loss_value, codes = row[0], [int(c) for c in row[1:]]
+            rank = trainer.global_rank if len(codes) > 1 else 0
+            bad = [f"loss={loss_value}"] if codes[rank] & 1 else []
+            others = [r for r, c in enumerate(codes) if c & 1 and r != rank]
+            if others:
+                bad.append(f"non-finite loss on rank {', '.join(map(str, others))}")
+            if any(c & 2 for c in codes):
+                bad.append("non-finite gradients")
+            if not bad:
+                self.consecutive = 0
+                continue
+            self.skipped += 1
+            self.consecutive += 1
+            skipped += 1
+            where = f"epoch {step.epoch}, batch {step.batch_idx}, {_batch_ids(step.batch)}"
+            self._streak_at = f"{where} ({' and '.join(bad)})"
+            message = f"skipped training step {step.global_step} ({' and '.join(bad)}) at {where}"
+            log.warning(message)
+            if trainer.is_global_zero:
+                print(f"WARNING: {message}", flush=True)
+            if raise_error and self.consecutive >= self.max_consecutive:
+                break  # the streak reached the limit here; the error names this step
+        if skipped:
+            rewind_step_schedules(trainer, skipped)
+        if raise_error:
+            self._raise_on_streak()
+        return bool(bad)
+
+    def _raise_on_streak(self) -> None:
         if self.consecutive >= self.max_consecutive:
             raise NonFiniteLossError(
                 f"{self.consecutive} consecutive training steps with a non-finite loss or gradient "
-                f"(reliability.max_consecutive_nonfinite={self.max_consecutive}); the last at {where} ({' and '.join(bad)})"
+                f"(reliability.max_consecutive_nonfinite={self.max_consecutive}); the last at {self._streak_at}"
             )
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        pl_module.log("train/skipped_steps", float(self.skipped), on_step=True, on_epoch=False, batch_size=1)
-
     def state_dict(self) -> dict[str, Any]:
+        """The counters, after reading the pending flags (a checkpoint holds the true counts)."""
+        if self._pending:
+            self._read(self._trainer)
         return {"skipped": self.skipped, "consecutive": self.consecutive}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -1,6 +1,7 @@
 """Training throughput (atoms/s, structures/s) and peak memory, logged every ``log_every_n_steps``.
 
-Throughput is measured on rank 0 between logging points over the batches that rank trained
+The atom count is summed on the device and read once per logging interval (no host sync in
+the other steps). Throughput is measured on rank 0 between logging points over the batches that rank trained
 (multiplied by the world size as an estimate of the global rate, since the datamodule
 balances atoms across ranks). Peak memory is ``torch.cuda.max_memory_allocated`` on GPU and
 the process's peak resident set size (``ru_maxrss``) on CPU, in MiB.
@@ -33,7 +34,7 @@ class ThroughputMonitor(L.Callback):
 
     def __init__(self) -> None:
         super().__init__()
-        self._atoms = 0
+        self._atoms: torch.Tensor | int = 0  # summed on the batch's device, read when logged
         self._structures = 0
         self._start: float | None = None
 
@@ -42,17 +43,18 @@ class ThroughputMonitor(L.Callback):
         self._start = time.perf_counter()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self._atoms += int(batch.natoms.sum())
-        self._structures += int(batch.natoms.numel())
+        self._atoms = batch.natoms.sum() + self._atoms
+        self._structures += batch.natoms.numel()
         if (batch_idx + 1) % max(1, trainer.log_every_n_steps) != 0 or self._start is None:
             return
+        atoms = int(self._atoms)  # the one host read per logging interval
         elapsed = time.perf_counter() - self._start
         if elapsed <= 0:
             return
         world = trainer.world_size
         pl_module.log_dict(
             {
-                "perf/atoms_per_s": self._atoms * world / elapsed,
+                "perf/atoms_per_s": atoms * world / elapsed,
                 "perf/structures_per_s": self._structures * world / elapsed,
                 "perf/peak_memory_mib": peak_memory_mib(pl_module.device),
             },
