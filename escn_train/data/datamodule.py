@@ -27,9 +27,10 @@ from torch.utils.data import DataLoader
 from escn_train.data.checks import SampleChecker
 from escn_train.data.collate import collate_structures
 from escn_train.data.graph_selection import GraphSelection
+from escn_train.data.index import dataset_natoms
 from escn_train.data.lmdb_dataset import LmdbDataset
 from escn_train.data.samplers import AtomBalancedBatchSampler
-from escn_train.data.statistics import dataset_natoms, load_or_compute_statistics
+from escn_train.data.statistics import load_or_compute_statistics
 
 #: A split: a path, or ``{"src": path, "subset": ..., "subset_seed": ..., "key_mapping": ...}``.
 SplitSpec = Union[str, os.PathLike, Mapping[str, Any], None]
@@ -56,7 +57,10 @@ class LmdbDataModule(L.LightningDataModule):
             structures left without one (both or neither).
         max_atoms_per_batch: pack batches up to this many atoms instead of a fixed count.
         drop_last: drop the incomplete last training batch / step.
-        stats_cache_dir: where statistics are cached when the data directory is read-only.
+        stats_cache_dir: where statistics and metadata (``escn-index``) are cached when the
+            data directory is read-only (default ``~/.cache/escn_train``).
+        statistics_max_samples: estimate the statistics from a seeded random subset of this
+            many train structures (None: all).
         max_num_elements: length of the element-reference vector in the statistics.
         progress: show progress bars for dataset scans.
         check_samples: check every structure as it is read (labels for train/val/test,
@@ -92,8 +96,10 @@ class LmdbDataModule(L.LightningDataModule):
         min_distance: float | None = 0.1,
         neighbor_cutoff: float | None = None,
         skip_bad_samples: bool = False,
+        statistics_max_samples: int | None = None,
     ) -> None:
         super().__init__()
+        self.statistics_max_samples = statistics_max_samples
         self.check_samples = check_samples
         self.min_distance = min_distance
         self.neighbor_cutoff = neighbor_cutoff
@@ -144,6 +150,7 @@ class LmdbDataModule(L.LightningDataModule):
                     check_edges=self.graph_selection.use_precomputed_edges,
                     checker=self._checker(split),
                     skip_bad=self.skip_bad_samples,
+                    cache_dir=self.stats_cache_dir,
                 )
             except (FileNotFoundError, ValueError, lmdb.Error) as err:  # name the split whose files are wrong
                 raise type(err)(f"{split} split: {err}") from None
@@ -162,14 +169,42 @@ class LmdbDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         """Open the datasets the stage needs (all configured ones when ``stage`` is None)."""
         names = _STAGE_SPLITS.get(stage, tuple(self.splits)) if stage else tuple(self.splits)
+        names = [name for name in names if self.splits.get(name) is not None]
         for name in names:
-            if self.splits.get(name) is not None:
-                self.dataset(name)
+            self.dataset(name)
+        self._index(names)
+
+    def _index(self, names: list[str]) -> None:
+        """Atom counts of ``names`` when the sampler needs them: rank 0 builds missing metadata, the others wait and read.
+
+        Built once (``escn-index``'s pass, with this module's check verdicts) and kept next
+        to the data or in ``stats_cache_dir``; later runs and the other ranks only read it.
+        """
+        replicas, rank = self._world()
+        if self.max_atoms_per_batch is None and replicas == 1:
+            return
+        if rank == 0:
+            for name in names:
+                self._natoms_of(name)
+        if replicas > 1:
+            self._barrier("escn-index")
+            for name in names:
+                dataset = self.dataset(name)
+                if dataset.natoms is None:
+                    dataset.attach_metadata()
+
+    def _barrier(self, name: str) -> None:
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            trainer.strategy.barrier(name)
+        elif torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
 
     def statistics(self) -> dict[str, Any]:
         """Normalisation statistics of the train split (cached; see :mod:`escn_train.data.statistics`)."""
         return load_or_compute_statistics(
-            self.dataset("train"), self.stats_cache_dir, self.max_num_elements, progress=self.progress
+            self.dataset("train"), self.stats_cache_dir, self.max_num_elements, progress=self.progress,
+            max_samples=self.statistics_max_samples,
         )
 
     # --------------------------------------------------------------------------- loaders
@@ -183,7 +218,7 @@ class LmdbDataModule(L.LightningDataModule):
 
     def _natoms_of(self, split: str):
         if split not in self._natoms:
-            self._natoms[split] = dataset_natoms(self.dataset(split), progress=self.progress)
+            self._natoms[split] = dataset_natoms(self.dataset(split), self.stats_cache_dir, progress=self.progress)
         return self._natoms[split]
 
     def batch_sampler(self, split: str) -> AtomBalancedBatchSampler:
