@@ -27,7 +27,6 @@ from torch.utils.data import DataLoader
 from escn_train.data.checks import SampleChecker
 from escn_train.data.collate import collate_structures
 from escn_train.data.graph_selection import GraphSelection
-from escn_train.data.index import dataset_natoms
 from escn_train.data.lmdb_dataset import LmdbDataset
 from escn_train.data.samplers import AtomBalancedBatchSampler
 from escn_train.data.statistics import load_or_compute_statistics
@@ -218,6 +217,8 @@ class LmdbDataModule(L.LightningDataModule):
 
     def _natoms_of(self, split: str):
         if split not in self._natoms:
+            from escn_train.data.index import dataset_natoms  # here: `python -m escn_train.data.index` imports it once
+
             self._natoms[split] = dataset_natoms(self.dataset(split), self.stats_cache_dir, progress=self.progress)
         return self._natoms[split]
 

@@ -28,7 +28,6 @@ from tqdm import tqdm
 
 from escn_train.data.caching import cache_root, write_atomically, writable
 from escn_train.data.checks import BadSample
-from escn_train.data.index import dataset_natoms  # noqa: F401  (re-exported: older imports use this module)
 from escn_train.data.lmdb_dataset import LmdbDataset
 
 STATISTICS_VERSION = 1
@@ -199,3 +198,15 @@ def load_or_compute_statistics(
     write_atomically(path, lambda handle: handle.write(text))
     log.info("%s: statistics of %d structures computed and cached in %s", dataset.path, stats["num_samples"], path)
     return stats
+
+
+def __getattr__(name: str) -> Any:
+    """``dataset_natoms`` moved to :mod:`escn_train.data.index`; still importable from here.
+
+    Imported lazily, so ``python -m escn_train.data.index`` does not import that module twice.
+    """
+    if name == "dataset_natoms":
+        from escn_train.data.index import dataset_natoms
+
+        return dataset_natoms
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
