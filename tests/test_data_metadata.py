@@ -252,3 +252,13 @@ def test_failed_conversion_leaves_nothing_and_a_rerun_works(tmp_path, output):
     assert len(dataset) == 6 and dataset.natoms.tolist() == [4] * 6 and all(p.is_file() for p in paths)
     left = sorted(p.name for p in out.parent.rglob("*") if p.name.startswith("."))
     assert left == []
+
+
+def test_loader_workers_share_which_entries_were_checked(tmp_path):
+    """Without stored verdicts, an entry checked by one DataLoader worker is not checked again by another."""
+    path = write(tmp_path / "c.lmdb", counts(16))
+    dataset = LmdbDataset(path, checker=SampleChecker())
+    assert dataset._verdicts is None and not dataset._checked.any()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4, num_workers=2, collate_fn=lambda items: items)
+    assert sum(len(batch) for batch in loader) == 16
+    assert np.unpackbits(dataset._checked).sum() == 16  # set by the workers, seen here

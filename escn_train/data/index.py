@@ -56,7 +56,7 @@ CHUNK = 2048
 #: Datasets smaller than this are indexed in this process (a pool costs more than it saves).
 MIN_PARALLEL = 8192
 
-# The dataset and checker a forked worker reads with (set before the pool is created).
+# The dataset and checker a worker process reads with (built by its initializer).
 _WORKER: dict[str, Any] = {}
 
 
@@ -88,8 +88,10 @@ def _worker_range(bounds: tuple[int, int]) -> tuple[int, np.ndarray, dict[int, s
     return _index_range(_WORKER["dataset"], _WORKER["checker"], *bounds)
 
 
-def _init_worker() -> None:
+def _init_worker(path: str, key_mapping: dict[str, str], skip_bad: bool, checker: SampleChecker | None) -> None:
     torch.set_num_threads(1)
+    _WORKER.update(dataset=LmdbDataset(path, key_mapping=key_mapping, skip_bad=skip_bad, use_metadata=False),
+                   checker=checker)
 
 
 def default_workers() -> int:
@@ -117,9 +119,12 @@ def scan_dataset(
             results = (_index_range(full, checker, *task) for task in tasks)
             pool = None
         else:
-            _WORKER.update(dataset=full, checker=checker)
-            context = multiprocessing.get_context("fork" if sys.platform != "win32" else "spawn")
-            pool = context.Pool(min(workers, len(tasks)), initializer=_init_worker)
+            # spawn, not fork: the caller may be a DDP rank whose threads (gloo, OpenMP) hold locks
+            # that a forked child would inherit locked (a forked pool hung there)
+            pool = multiprocessing.get_context("spawn").Pool(
+                min(workers, len(tasks)), initializer=_init_worker,
+                initargs=(str(dataset.path), dict(dataset.key_mapping), dataset.skip_bad, checker),
+            )
             results = pool.imap_unordered(_worker_range, tasks)
         try:
             for start, counts, failing in results:
@@ -130,7 +135,6 @@ def scan_dataset(
             if pool is not None:
                 pool.terminate()
                 pool.join()
-            _WORKER.clear()
             full.close()
     return natoms, bad
 

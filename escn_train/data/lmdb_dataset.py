@@ -255,8 +255,11 @@ class LmdbDataset(torch.utils.data.Dataset):
         self.indices = select_subset(total, subset, subset_seed, str(self.path))
         self._subset_digest = None if self.indices is None else hashlib.sha256(self.indices.tobytes()).hexdigest()
         self._warned_shards: set[int] = set()
-        #: One bit per entry: passed the checker in this process (skipped on later reads).
-        self._checked = np.zeros((total + 7) // 8, dtype=np.uint8)
+        #: One bit per entry: passed the checker (skipped on later reads). With a checker the bits
+        #: live in shared memory, so DataLoader workers forked from this process share them.
+        bits = torch.zeros((total + 7) // 8 if checker is not None else 0, dtype=torch.uint8)
+        self._checked_bits = bits.share_memory_() if checker is not None else bits
+        self._checked = self._checked_bits.numpy()
         self.cache_dir = cache_dir
         #: The metadata file the atom counts come from (None: no metadata found).
         self.metadata_path: Path | None = None
