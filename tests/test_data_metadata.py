@@ -211,6 +211,8 @@ def test_check_verdicts_are_stored_and_used_instead_of_rechecking(tmp_path, monk
     other = LmdbDataset(path, checker=SampleChecker(neighbor_cutoff=5.0))  # other settings: checked as read
     other[0]
     assert len(calls) == 1
+    assert LmdbDataModule(train=path, neighbor_cutoff=6).dataset("train")._verdicts == dataset._verdicts  # as train.py sets it
+    assert LmdbDataModule(train=path, neighbor_cutoff=6, key_mapping={"y": "energy"}).dataset("train")._verdicts is None
 
 
 def test_datamodule_index_pass_stores_its_checks(tmp_path):

@@ -153,9 +153,12 @@ def find_metadata(
 # ----------------------------------------------------------------------------- check verdicts
 def checker_settings(checker: Any, key_mapping: Mapping[str, str]) -> str:
     """A stable key of a structure checker's configuration and the key mapping its entries were read with."""
+    def plain(value: Any) -> Any:  # 12 and 12.0 Å are the same setting
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
     fields = {
         "class": f"{type(checker).__module__}.{type(checker).__qualname__}",
-        "settings": {name: getattr(checker, name) for name in sorted(vars(checker))},
+        "settings": {name: plain(getattr(checker, name)) for name in sorted(vars(checker))},
         "key_mapping": sorted(dict(key_mapping).items()),
     }
     return json.dumps(fields, sort_keys=True, default=str)
