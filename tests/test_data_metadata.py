@@ -264,3 +264,14 @@ def test_loader_workers_share_which_entries_were_checked(tmp_path):
     loader = torch.utils.data.DataLoader(dataset, batch_size=4, num_workers=2, collate_fn=lambda items: items)
     assert sum(len(batch) for batch in loader) == 16
     assert np.unpackbits(dataset._checked).sum() == 16  # set by the workers, seen here
+
+
+def test_single_process_fit_runs_the_checks_once_at_index_time(tmp_path):
+    path = write(tmp_path / "shards", counts(10), num_shards=2, bad=(3,))
+    LmdbDataModule(train={"src": path, "subset": 5}, batch_size=4, neighbor_cutoff=6.0, progress=False).setup("fit")
+    assert not (path / "metadata.npz").exists()  # a subset is checked as it is read, not indexed whole
+    module = LmdbDataModule(train=path, batch_size=4, neighbor_cutoff=6.0, progress=False)
+    module.setup("fit")
+    assert (path / "metadata.checks.json").is_file() and list(module.dataset("train")._verdicts) == [3]
+    with pytest.raises(BadSampleError, match=r"data\.0000\.lmdb, key b'3': atoms 0 and 1 are 0\.050 Å apart"):
+        module.dataset("train")[3]

@@ -174,23 +174,35 @@ class LmdbDataModule(L.LightningDataModule):
         self._index(names)
 
     def _index(self, names: list[str]) -> None:
-        """Atom counts of ``names`` when the sampler needs them: rank 0 builds missing metadata, the others wait and read.
+        """Run the index pass where it is first needed: rank 0 builds, the other ranks wait and read.
 
-        Built once (``escn-index``'s pass, with this module's check verdicts) and kept next
-        to the data or in ``stats_cache_dir``; later runs and the other ranks only read it.
+        Needed for a split's atom counts (several ranks, or ``max_atoms_per_batch``), and for
+        the structure checks of a split read whole (no subset) that has no stored verdicts
+        for this module's check settings. The pass is ``escn-index``'s (all CPUs), and its
+        results are kept next to the data or in ``stats_cache_dir``. Later runs and the
+        other ranks only read them, and entries with a stored verdict are not checked again.
         """
+        from escn_train.data.index import build_index, needs_index
+
         replicas, rank = self._world()
-        if self.max_atoms_per_batch is None and replicas == 1:
-            return
+        needs_natoms = self.max_atoms_per_batch is not None or replicas > 1
+
+        def wanted(dataset: LmdbDataset) -> bool:
+            unchecked = dataset.checker is not None and dataset.indices is None and dataset._verdicts is None
+            return (needs_natoms and dataset.natoms is None) or unchecked
+
+        todo = [name for name in names if wanted(self.dataset(name))]
         if rank == 0:
-            for name in names:
-                self._natoms_of(name)
-        if replicas > 1:
+            for name in todo:
+                dataset = self.dataset(name)
+                if needs_index(dataset, dataset.checker if dataset.indices is None else None):
+                    build_index(dataset, dataset.checker if dataset.indices is None else None,
+                                cache_dir=self.stats_cache_dir, progress=self.progress)
+        if replicas > 1:  # every rank, whatever it found: the barrier must be reached by all
             self._barrier("escn-index")
             for name in names:
-                dataset = self.dataset(name)
-                if dataset.natoms is None:
-                    dataset.attach_metadata()
+                if rank != 0 and wanted(self.dataset(name)):
+                    self.dataset(name).attach_metadata()
 
     def _barrier(self, name: str) -> None:
         trainer = getattr(self, "trainer", None)

@@ -131,6 +131,11 @@ def scan_dataset(
                 natoms[start : start + counts.size] = counts
                 bad.update(failing)
                 bar.update(counts.size)
+        except (ValueError, KeyError, TypeError, IndexError, OSError, lmdb.Error) as err:
+            if pool is None:
+                raise
+            # a worker's data error (it names the file and key), raised here as train.py's one-line errors expect
+            raise type(err)(*err.args) from None
         finally:
             if pool is not None:
                 pool.terminate()
