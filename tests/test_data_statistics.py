@@ -119,3 +119,33 @@ def test_missing_energy_is_named(tmp_path):
     write_lmdb_shards([data], 1, tmp_path / "nolabel.lmdb", progress=False)
     with pytest.raises(KeyError, match=r"nolabel\.lmdb: structure 0 has no 'energy'"):
         compute_statistics(LmdbDataset(tmp_path / "nolabel.lmdb"), progress=False)
+
+
+def test_statistics_from_a_seeded_random_subset(tmp_path, caplog):
+    import json
+    import logging
+
+    from escn_train.data.statistics import statistics_indices
+
+    path, _, entries = synthetic_lmdb(tmp_path / "syn.lmdb", n=60)
+    chosen = statistics_indices(60, 20)
+    assert chosen.tolist() == statistics_indices(60, 20).tolist() and chosen.size == 20 and len(set(chosen.tolist())) == 20
+    assert chosen.tolist() != list(range(20)) and chosen.tolist() == sorted(chosen.tolist())
+    with caplog.at_level(logging.INFO, logger="escn_train.data.statistics"):
+        stats = compute_statistics(LmdbDataset(path), max_samples=20, progress=False)
+    assert "statistics from a random subset of 20 of 60 structures (seed 0)" in caplog.text
+    assert stats == compute_statistics(LmdbDataset(path), max_samples=20, progress=False)
+    energies = np.array([entries[i].energy for i in chosen])
+    assert stats["num_samples"] == 20 and stats["max_samples"] == 20 and stats["sample_seed"] == 0
+    assert stats["energy_mean"] == pytest.approx(energies.mean(), rel=1e-12)
+    assert stats["energy_std"] == pytest.approx(energies.std(), rel=1e-9)
+    everything = compute_statistics(LmdbDataset(path), max_samples=1000, progress=False)  # more than there are: all
+    assert everything["num_samples"] == 60 and everything["sample_seed"] is None
+    # cached under a key that names the subset, next to the full statistics
+    sub = load_or_compute_statistics(LmdbDataset(path), max_samples=20, progress=False)
+    full = load_or_compute_statistics(LmdbDataset(path), progress=False)
+    assert sub == stats and full["num_samples"] == 60
+    keys = list(json.loads((tmp_path / "syn.lmdb.stats.json").read_text()))
+    assert len(keys) == 2 and sum(key.endswith(":100:sample20:seed0") for key in keys) == 1
+    with pytest.raises(ValueError, match="statistics_max_samples must be positive or null, got 0"):
+        compute_statistics(LmdbDataset(path), max_samples=0, progress=False)

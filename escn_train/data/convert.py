@@ -7,6 +7,11 @@ holding pickled PyG-2 ``Data`` objects, plus a ``b"length"`` key. Each ``Data`` 
 with ``--cutoff``/``--max-neighbors``, a precomputed ``edge_index``, ``cell_offsets`` and
 ``distances`` built with :func:`escn_train.graph.radius_graph_pbc`.
 
+Next to the output goes a ``metadata.npz`` with every entry's atom count, where fairchem
+and ``escn-index`` look for it (see :mod:`escn_train.data.metadata`). Output is written
+under a temporary name and renamed into place when every structure converted, so a
+failure (a frame without energy, say) leaves nothing behind and a rerun starts clean.
+
 Labels come from the structure's calculator (as ASE stores them in extxyz, .traj and db
 files) or, failing that, from ``atoms.info[energy_key]`` / ``atoms.arrays[forces_key]``.
 ``fixed`` is 1 for atoms under an ASE ``FixAtoms`` constraint; ``tags`` are ASE's tags, or with
@@ -24,13 +29,16 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
+import os
 import pickle
+import shutil
 import sys
+import tempfile
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import lmdb
 import numpy as np
@@ -39,6 +47,7 @@ from torch_geometric.data import Data
 from tqdm import tqdm
 
 from escn_train.data.tags import TAG_MODES, TagWarning, layer_tag_warning, looks_like_ase_layer_tags, structure_tags
+from escn_train.data.metadata import METADATA_NAME, metadata_target, write_metadata
 from escn_train.graph import radius_graph_pbc
 
 #: Entries written per LMDB write transaction.
@@ -217,29 +226,91 @@ def shard_paths(output: str | Path, num_shards: int) -> list[Path]:
     return [output / f"data.{k:04d}.lmdb" for k in range(num_shards)]
 
 
+#: An entry to write: a ``Data``, bytes from :func:`pickle_data`, or such bytes with the entry's atom count.
+Entry = Union[Data, bytes, tuple[bytes, int]]
+
+
 def write_lmdb_shards(
-    entries: Iterable[Data | bytes], total: int, output: str | Path, num_shards: int = 1, progress: bool = True
+    entries: Iterable[Entry],
+    total: int,
+    output: str | Path,
+    num_shards: int = 1,
+    progress: bool = True,
+    metadata: bool = False,
 ) -> list[Path]:
     """Write ``total`` entries into ``num_shards`` contiguous shards; returns the shard paths.
 
     Shard ``k`` holds entries ``[k*total//S, (k+1)*total//S)``, each shard keyed from 0.
+    The files appear only when every entry was written (staged under a temporary name,
+    then renamed). ``metadata=True`` also writes the atom counts (``metadata.npz``, see
+    :mod:`escn_train.data.metadata`); it needs entries whose atom count is known
+    (``Data`` or ``(bytes, natoms)``).
     """
     paths = shard_paths(output, num_shards)
     for path in paths:
         if path.exists():
             raise FileExistsError(f"{path} already exists; refusing to overwrite it")
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
+    try:
+        natoms = _write_staged(entries, total, [staging / p.name for p in paths], output.name, progress)
+        _move_into_place(staging, output, paths, natoms if metadata else None)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return paths
+
+
+def _write_staged(entries: Iterable[Entry], total: int, paths: list[Path], name: str, progress: bool) -> np.ndarray | None:
+    """Write the shards at ``paths``; the atom counts of the entries (None where one was plain bytes)."""
     bounds = [k * total // len(paths) for k in range(len(paths) + 1)]
+    natoms = np.zeros(total, dtype=np.int32)
+    known = True
     iterator = iter(entries)
-    with tqdm(total=total, desc=f"writing {Path(output).name}", unit="structure", disable=not progress) as bar:
+    with tqdm(total=total, desc=f"writing {name}", unit="structure", disable=not progress) as bar:
         for shard, path in enumerate(paths):
             with LmdbWriter(path) as writer:
                 for _ in range(bounds[shard + 1] - bounds[shard]):
                     try:
-                        writer.add(next(iterator))
+                        entry = next(iterator)
                     except StopIteration:
                         raise ValueError(f"expected {total} entries, got {writer.count + bounds[shard]}") from None
+                    if isinstance(entry, tuple):
+                        entry, natoms[bounds[shard] + writer.count] = entry
+                    elif isinstance(entry, Data):
+                        natoms[bounds[shard] + writer.count] = entry.natoms
+                    else:
+                        known = False
+                    writer.add(entry)
                     bar.update()
-    return paths
+    return natoms if known else None
+
+
+def _move_into_place(staging: Path, output: Path, paths: list[Path], natoms: np.ndarray | None) -> None:
+    """Rename the staged shards (and metadata for ``natoms``) to their final names."""
+    if output.suffix == ".lmdb":
+        os.replace(staging / output.name, output)
+        if natoms is not None:
+            write_metadata(metadata_target(output), natoms)
+        return
+    if not output.exists():  # a new shard directory appears in one rename
+        if natoms is not None:
+            write_metadata(staging / METADATA_NAME, natoms)
+        os.rename(staging, output)
+        return
+    for path in paths:
+        os.replace(staging / path.name, path)
+    if natoms is None:
+        return
+    others = sorted(p.name for p in output.glob("*.lmdb") if p.is_file() and p not in paths)
+    if others:
+        warnings.warn(
+            f"{output} also holds {', '.join(others)}: no {METADATA_NAME} written for the new shards alone "
+            f"(build one for the whole directory with: escn-index {output} --force)",
+            stacklevel=3,
+        )
+        return
+    write_metadata(output / METADATA_NAME, natoms)
 
 
 # ------------------------------------------------------------------------------------- reading inputs
@@ -281,9 +352,9 @@ def read_structures(inputs: Sequence[str | Path], index: str = ":", sid_per_file
 _WORKER_OPTIONS: dict[str, Any] = {}
 
 
-def _convert_item(item: _Item) -> bytes:
+def _convert_item(item: _Item) -> tuple[bytes, int]:
     data = atoms_to_data(item.atoms, item.sid, item.fid, item.source, **_WORKER_OPTIONS)
-    return pickle_data(data)
+    return pickle_data(data), data.natoms
 
 
 def _init_worker(options: dict[str, Any]) -> None:
@@ -322,14 +393,12 @@ def convert_structures(
     check_tag_convention(items, tags)
     options = {"cutoff": cutoff, "max_neighbors": max_neighbors, "label_keys": label_keys, "tags": tags}
     if workers <= 0:
-        converted: Iterator[bytes] = (
-            pickle_data(atoms_to_data(it.atoms, it.sid, it.fid, it.source, **options)) for it in items
-        )
-        return write_lmdb_shards(converted, len(items), output, num_shards, progress)
+        converted: Iterator[Data] = (atoms_to_data(it.atoms, it.sid, it.fid, it.source, **options) for it in items)
+        return write_lmdb_shards(converted, len(items), output, num_shards, progress, metadata=True)
     context = multiprocessing.get_context("fork" if sys.platform != "win32" else "spawn")
     with context.Pool(workers, initializer=_init_worker, initargs=(options,)) as pool:
         converted = pool.imap(_convert_item, items, chunksize=max(1, min(64, len(items) // (4 * workers) or 1)))
-        return write_lmdb_shards(converted, len(items), output, num_shards, progress)
+        return write_lmdb_shards(converted, len(items), output, num_shards, progress, metadata=True)
 
 
 def convert_files(

@@ -29,7 +29,7 @@ from escn_train.data.collate import collate_structures
 from escn_train.data.graph_selection import GraphSelection
 from escn_train.data.lmdb_dataset import LmdbDataset
 from escn_train.data.samplers import AtomBalancedBatchSampler
-from escn_train.data.statistics import dataset_natoms, load_or_compute_statistics
+from escn_train.data.statistics import load_or_compute_statistics
 
 #: A split: a path, or ``{"src": path, "subset": ..., "subset_seed": ..., "key_mapping": ...}``.
 SplitSpec = Union[str, os.PathLike, Mapping[str, Any], None]
@@ -61,7 +61,10 @@ class LmdbDataModule(L.LightningDataModule):
             structures left without one (both or neither).
         max_atoms_per_batch: pack batches up to this many atoms instead of a fixed count.
         drop_last: drop the incomplete last training batch / step.
-        stats_cache_dir: where statistics are cached when the data directory is read-only.
+        stats_cache_dir: where statistics and metadata (``escn-index``) are cached when the
+            data directory is read-only (default ``~/.cache/escn_train``).
+        statistics_max_samples: estimate the statistics from a seeded random subset of this
+            many train structures (None: all).
         max_num_elements: length of the element-reference vector in the statistics.
         progress: show progress bars for dataset scans.
         check_samples: check every structure as it is read (labels for train/val/test,
@@ -97,8 +100,10 @@ class LmdbDataModule(L.LightningDataModule):
         min_distance: float | None = 0.1,
         neighbor_cutoff: float | None = None,
         skip_bad_samples: bool = False,
+        statistics_max_samples: int | None = None,
     ) -> None:
         super().__init__()
+        self.statistics_max_samples = statistics_max_samples
         self.check_samples = check_samples
         self.min_distance = min_distance
         self.neighbor_cutoff = neighbor_cutoff
@@ -152,6 +157,7 @@ class LmdbDataModule(L.LightningDataModule):
                     check_edges=self.graph_selection.use_precomputed_edges,
                     checker=self._checker(split),
                     skip_bad=self.skip_bad_samples,
+                    cache_dir=self.stats_cache_dir,
                 )
             except (FileNotFoundError, ValueError, lmdb.Error) as err:  # name the split whose files are wrong
                 raise type(err)(f"{split} split: {err}") from None
@@ -170,14 +176,54 @@ class LmdbDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         """Open the datasets the stage needs (all configured ones when ``stage`` is None)."""
         names = _STAGE_SPLITS.get(stage, tuple(self.splits)) if stage else tuple(self.splits)
+        names = [name for name in names if self.splits.get(name) is not None]
         for name in names:
-            if self.splits.get(name) is not None:
-                self.dataset(name)
+            self.dataset(name)
+        self._index(names)
+
+    def _index(self, names: list[str]) -> None:
+        """Run the index pass where it is first needed: rank 0 builds, the other ranks wait and read.
+
+        Needed for a split's atom counts (several ranks, or ``max_atoms_per_batch``), and for
+        the structure checks of a split read whole (no subset) that has no stored verdicts
+        for this module's check settings. The pass is ``escn-index``'s (all CPUs), and its
+        results are kept next to the data or in ``stats_cache_dir``. Later runs and the
+        other ranks only read them, and entries with a stored verdict are not checked again.
+        """
+        from escn_train.data.index import build_index, needs_index
+
+        replicas, rank = self._world()
+        needs_natoms = self.max_atoms_per_batch is not None or replicas > 1
+
+        def wanted(dataset: LmdbDataset) -> bool:
+            unchecked = dataset.checker is not None and dataset.indices is None and dataset._verdicts is None
+            return (needs_natoms and dataset.natoms is None) or unchecked
+
+        todo = [name for name in names if wanted(self.dataset(name))]
+        if rank == 0:
+            for name in todo:
+                dataset = self.dataset(name)
+                if needs_index(dataset, dataset.checker if dataset.indices is None else None):
+                    build_index(dataset, dataset.checker if dataset.indices is None else None,
+                                cache_dir=self.stats_cache_dir, progress=self.progress)
+        if replicas > 1:  # every rank, whatever it found: the barrier must be reached by all
+            self._barrier("escn-index")
+            for name in names:
+                if rank != 0 and wanted(self.dataset(name)):
+                    self.dataset(name).attach_metadata()
+
+    def _barrier(self, name: str) -> None:
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            trainer.strategy.barrier(name)
+        elif torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
 
     def statistics(self) -> dict[str, Any]:
         """Normalisation statistics of the train split (cached; see :mod:`escn_train.data.statistics`)."""
         return load_or_compute_statistics(
-            self.dataset("train"), self.stats_cache_dir, self.max_num_elements, progress=self.progress
+            self.dataset("train"), self.stats_cache_dir, self.max_num_elements, progress=self.progress,
+            max_samples=self.statistics_max_samples,
         )
 
     # --------------------------------------------------------------------------- loaders
@@ -191,7 +237,9 @@ class LmdbDataModule(L.LightningDataModule):
 
     def _natoms_of(self, split: str):
         if split not in self._natoms:
-            self._natoms[split] = dataset_natoms(self.dataset(split), progress=self.progress)
+            from escn_train.data.index import dataset_natoms  # here: `python -m escn_train.data.index` imports it once
+
+            self._natoms[split] = dataset_natoms(self.dataset(split), self.stats_cache_dir, progress=self.progress)
         return self._natoms[split]
 
     def batch_sampler(self, split: str) -> AtomBalancedBatchSampler:

@@ -29,9 +29,10 @@ import numpy as np
 import torch
 from torch_geometric.data import Data
 
-from escn_train.data.checks import BadSample, SampleChecker
+from escn_train.data.checks import BadSample, BadSampleError, SampleChecker
 from escn_train.data.fatal_read import enable_crash_report, read_entry
 from escn_train.data.graph_selection import edge_distance_error, strip_edges
+from escn_train.data.metadata import MetadataError, checker_settings, files_fingerprint, find_metadata, read_verdicts
 from escn_train.data.records import apply_key_mapping, fields_to_data
 from escn_train.data.safe_pickle import record_fields, safe_loads
 
@@ -233,6 +234,14 @@ class LmdbDataset(torch.utils.data.Dataset):
         skip_bad: instead of raising on an unreadable or failing entry, warn (once per entry)
             and return a :class:`~escn_train.data.checks.BadSample` marker, which collation
             drops and counts; :attr:`skipped` lists the entries skipped in this process.
+        cache_dir: where ``escn-index`` put the metadata of a dataset whose folder is
+            read-only (default ``~/.cache/escn_train``).
+        use_metadata: read the dataset's ``metadata.npz`` when there is one.
+
+    Atom counts come from a ``metadata.npz`` (see :mod:`escn_train.data.metadata`) when one
+    exists: :attr:`natoms`, checked at construction against the dataset's length and a few
+    entries. With stored check verdicts for ``checker``'s settings, entries that passed are
+    not checked again, and failing ones fail (or are skipped) with the stored reason.
     """
 
     def __init__(
@@ -245,6 +254,8 @@ class LmdbDataset(torch.utils.data.Dataset):
         check_edges: bool = False,
         checker: SampleChecker | None = None,
         skip_bad: bool = False,
+        cache_dir: str | os.PathLike | None = None,
+        use_metadata: bool = True,
     ) -> None:
         self.checker = checker
         self.skip_bad = skip_bad
@@ -273,8 +284,74 @@ class LmdbDataset(torch.utils.data.Dataset):
         self.indices = select_subset(total, subset, subset_seed, str(self.path))
         self._subset_digest = None if self.indices is None else hashlib.sha256(self.indices.tobytes()).hexdigest()
         self._warned_shards: set[int] = set()
-        #: One bit per entry: passed the checker in this process (skipped on later reads).
-        self._checked = np.zeros((total + 7) // 8, dtype=np.uint8)
+        #: One bit per entry: passed the checker (skipped on later reads). With a checker the bits
+        #: live in shared memory, so DataLoader workers forked from this process share them.
+        bits = torch.zeros((total + 7) // 8 if checker is not None else 0, dtype=torch.uint8)
+        self._checked_bits = bits.share_memory_() if checker is not None else bits
+        self._checked = self._checked_bits.numpy()
+        self.cache_dir = cache_dir
+        #: The metadata file the atom counts come from (None: no metadata found).
+        self.metadata_path: Path | None = None
+        self._natoms_all: np.ndarray | None = None
+        #: Failing entries (flat index -> reason) from stored check verdicts; None: check as read.
+        self._verdicts: dict[int, str] | None = None
+        if use_metadata:
+            self.attach_metadata()
+
+    # ----------------------------------------------------------------------------- metadata
+    def attach_metadata(self, validate: int = 4) -> bool:
+        """Look for this dataset's metadata (and check verdicts) again; True when found.
+
+        The file's length and ``validate`` random entries (plus the first and last) are
+        compared with the data; a mismatch raises :class:`~escn_train.data.metadata.MetadataError`
+        naming the file.
+        """
+        found = find_metadata(self.path, self.total_entries, files_fingerprint(self.paths), self.cache_dir)
+        if found is None:
+            return False
+        file, natoms = found
+        total = self.total_entries
+        picks = {0, total - 1, *np.random.default_rng().integers(0, total, size=validate).tolist()}
+        for flat in sorted(picks):
+            actual = self._stored_natoms(flat)
+            if actual is not None and actual != int(natoms[flat]):
+                shard = int(np.searchsorted(self._starts, flat, side="right") - 1)
+                raise MetadataError(
+                    f"{file}: natoms[{flat}] = {int(natoms[flat])}, but entry {flat} of {self.path} "
+                    f"({self.paths[shard].name}) has {actual} atoms; the metadata does not match the data "
+                    f"(delete the file or rebuild it with: escn-index {self.path} --force)"
+                )
+        self.metadata_path, self._natoms_all = file, natoms
+        if self.checker is not None:
+            self._verdicts = read_verdicts(file, checker_settings(self.checker, self.key_mapping), total)
+        return True
+
+    def _stored_natoms(self, flat: int) -> int | None:
+        """Atom count of entry ``flat`` as stored (None when the entry cannot be decoded)."""
+        shard = int(np.searchsorted(self._starts, flat, side="right") - 1)
+        local = flat - int(self._starts[shard])
+        keys = self._keys[shard]
+        key = str(local if keys is None else int(keys[local])).encode("ascii")
+        source = f"{self.paths[shard]}, key {key!r}"
+        already_open = self.paths[shard].resolve() in _ENVS
+        try:
+            with self._env(shard).begin() as txn:
+                raw = txn.get(key)
+            if raw is None:
+                return None
+            return fields_to_data(record_fields(safe_loads(raw, source), source), source).natoms
+        except Exception:  # an unreadable entry is reported when it is read, not here
+            return None
+        finally:
+            if not already_open:  # fork safety, as in __init__
+                close_lmdb(self.paths[shard])
+
+    @property
+    def natoms(self) -> np.ndarray | None:
+        """Atoms per entry (subset applied) from the metadata, or None when there is none (see ``escn-index``)."""
+        if self._natoms_all is None:
+            return None
+        return self._natoms_all if self.indices is None else self._natoms_all[self.indices]
 
     # ----------------------------------------------------------------------------- access
     def __len__(self) -> int:
@@ -323,7 +400,10 @@ class LmdbDataset(torch.utils.data.Dataset):
             raise KeyError(f"{source}: entry is missing (the file's 'length' says it should exist)")
         fields = apply_key_mapping(record_fields(safe_loads(raw, source), source), self.key_mapping, source)
         data = fields_to_data(fields, source)
-        if self.checker is not None and not (flat >= 0 and self._checked[flat >> 3] & (1 << (flat & 7))):
+        if self._verdicts is not None and flat >= 0:  # checked at index time: fail with the stored reason
+            if flat in self._verdicts:
+                raise BadSampleError(self._verdicts[flat])
+        elif self.checker is not None and not (flat >= 0 and self._checked[flat >> 3] & (1 << (flat & 7))):
             self.checker(data, source)
             if flat >= 0:  # each entry is checked once per process (the geometry checks cost ~1-2 ms)
                 self._checked[flat >> 3] |= 1 << (flat & 7)

@@ -5,6 +5,10 @@ transaction per chunk; element counts and sums with batched tensor ops, no per-a
 loops), and cached as JSON keyed by the dataset fingerprint (file paths, sizes, mtimes,
 subset, key mapping), so a run only recomputes after the data changed.
 
+``max_samples`` estimates them from a seeded random subset of that many structures
+instead (the OC20 presets use 200,000); the subset size and seed are part of the cache
+key, are stored in the result (``max_samples``, ``sample_seed``) and logged.
+
 Linear element references solve ``energy ≈ Σ_Z count_Z · ref_Z`` in the least-squares
 sense (minimum-norm where the counts are collinear); elements absent from the data get 0.
 They are accumulated as normal equations, so memory does not grow with the dataset.
@@ -13,8 +17,8 @@ They are accumulated as normal equations, so memory does not grow with the datas
 from __future__ import annotations
 
 import json
+import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,19 +26,37 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from escn_train.data.caching import cache_root, write_atomically, writable
 from escn_train.data.checks import BadSample
 from escn_train.data.lmdb_dataset import LmdbDataset
 
 STATISTICS_VERSION = 1
+#: Seed of the random subset drawn with ``max_samples`` (fixed: the subset does not follow the run's seed).
+SAMPLE_SEED = 0
+
+log = logging.getLogger(__name__)
 
 
-def _chunks(n: int, size: int):
-    for start in range(0, n, size):
-        yield list(range(start, min(n, start + size)))
+def _chunks(indices: np.ndarray, size: int):
+    for start in range(0, indices.size, size):
+        yield indices[start : start + size].tolist()
+
+
+def statistics_indices(num_samples: int, max_samples: int | None, seed: int = SAMPLE_SEED) -> np.ndarray:
+    """The structures statistics are computed on: all, or a seeded, sorted random choice of ``max_samples``."""
+    if max_samples is not None and max_samples < 1:
+        raise ValueError(f"statistics_max_samples must be positive or null, got {max_samples}")
+    if max_samples is None or max_samples >= num_samples:
+        return np.arange(num_samples, dtype=np.int64)
+    return np.sort(np.random.default_rng(seed).choice(num_samples, size=max_samples, replace=False))
 
 
 def compute_statistics(
-    dataset: LmdbDataset, max_num_elements: int = 100, chunk_size: int = 256, progress: bool = True
+    dataset: LmdbDataset,
+    max_num_elements: int = 100,
+    chunk_size: int = 256,
+    progress: bool = True,
+    max_samples: int | None = None,
 ) -> dict[str, Any]:
     """Statistics of ``dataset`` as a plain dict of floats / lists (JSON-ready).
 
@@ -42,7 +64,8 @@ def compute_statistics(
     ``force_rms_free`` (free atoms only), ``element_references`` (length ``max_num_elements``,
     index = atomic number), ``referenced_energy_mean`` / ``referenced_energy_std`` (of
     ``energy - Σ counts·refs``), ``mean_natoms``, ``num_samples``, ``num_atoms``,
-    ``max_num_elements``, ``fingerprint``.
+    ``max_num_elements``, ``fingerprint``, ``max_samples`` and ``sample_seed`` (the subset
+    asked for, see :func:`statistics_indices`).
     """
     m = max_num_elements
     ata = torch.zeros(m, m, dtype=torch.float64)
@@ -51,8 +74,12 @@ def compute_statistics(
     e_sum = e_sq = f_sq = f_sq_free = 0.0
     n_samples = n_atoms = n_free = 0
     has_fixed = True
-    with tqdm(total=len(dataset), desc="dataset statistics", unit="structure", disable=not progress) as bar:
-        for indices in _chunks(len(dataset), chunk_size):
+    chosen = statistics_indices(len(dataset), max_samples)
+    if chosen.size < len(dataset):
+        log.info("%s: statistics from a random subset of %d of %d structures (seed %d)",
+                 dataset.path, chosen.size, len(dataset), SAMPLE_SEED)
+    with tqdm(total=chosen.size, desc="dataset statistics", unit="structure", disable=not progress) as bar:
+        for indices in _chunks(chosen, chunk_size):
             items = [d for d in dataset.get_many(indices, transform=False) if not isinstance(d, BadSample)]
             if not items:
                 continue
@@ -120,12 +147,9 @@ def compute_statistics(
         "num_atoms": n_atoms,
         "max_num_elements": m,
         "fingerprint": dataset.fingerprint(),
+        "max_samples": max_samples,
+        "sample_seed": SAMPLE_SEED if chosen.size < len(dataset) else None,
     }
-
-
-def _writable(directory: Path) -> bool:
-    """Writable, and not marked read-only by its mode bits (root passes ``os.access`` everywhere)."""
-    return os.access(directory, os.W_OK) and bool(directory.stat().st_mode & 0o222)
 
 
 def statistics_cache_path(dataset: LmdbDataset, cache_dir: str | os.PathLike | None = None) -> Path:
@@ -137,10 +161,9 @@ def statistics_cache_path(dataset: LmdbDataset, cache_dir: str | os.PathLike | N
     """
     root = dataset.path if dataset.path.is_dir() else dataset.path.parent
     name = "stats.json" if dataset.path.is_dir() else f"{dataset.path.name}.stats.json"
-    if cache_dir is None and _writable(root):
+    if cache_dir is None and writable(root):
         return root / name
-    fallback = Path(cache_dir or Path.home() / ".cache" / "escn_train").expanduser()
-    return fallback / f"{dataset.path.name}-{dataset.fingerprint()[:16]}.stats.json"
+    return cache_root(cache_dir) / f"{dataset.path.name}-{dataset.fingerprint()[:16]}.stats.json"
 
 
 def load_or_compute_statistics(
@@ -148,13 +171,17 @@ def load_or_compute_statistics(
     cache_dir: str | os.PathLike | None = None,
     max_num_elements: int = 100,
     progress: bool = True,
+    max_samples: int | None = None,
 ) -> dict[str, Any]:
     """Cached :func:`compute_statistics`: reuse the JSON whose fingerprint matches, else recompute and save.
 
-    The cache holds one entry per fingerprint (several subsets of one file can coexist).
+    The cache holds one entry per fingerprint, ``max_num_elements`` and ``max_samples``
+    (several subsets of one file can coexist).
     """
     path = statistics_cache_path(dataset, cache_dir)
     key = f"{dataset.fingerprint()}:{max_num_elements}"
+    if max_samples is not None and max_samples < len(dataset):
+        key += f":sample{max_samples}:seed{SAMPLE_SEED}"
     cache: dict[str, Any] = {}
     if path.is_file():
         try:
@@ -163,21 +190,23 @@ def load_or_compute_statistics(
             cache = {}  # unreadable cache: recompute and overwrite
     entry = cache.get(key)
     if isinstance(entry, dict) and entry.get("version") == STATISTICS_VERSION:
+        log.info("%s: statistics of %d structures read from %s", dataset.path, entry["num_samples"], path)
         return entry
-    stats = compute_statistics(dataset, max_num_elements=max_num_elements, progress=progress)
+    stats = compute_statistics(dataset, max_num_elements=max_num_elements, progress=progress, max_samples=max_samples)
     cache[key] = stats
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
-        json.dump(cache, tmp, indent=1)
-    os.replace(tmp.name, path)
+    text = json.dumps(cache, indent=1).encode()
+    write_atomically(path, lambda handle: handle.write(text))
+    log.info("%s: statistics of %d structures computed and cached in %s", dataset.path, stats["num_samples"], path)
     return stats
 
 
-def dataset_natoms(dataset: LmdbDataset, chunk_size: int = 512, progress: bool = True) -> np.ndarray:
-    """Atoms per structure of ``dataset`` (one scan; used to pack and balance batches)."""
-    out = np.empty(len(dataset), dtype=np.int64)
-    with tqdm(total=len(dataset), desc="counting atoms", unit="structure", disable=not progress) as bar:
-        for indices in _chunks(len(dataset), chunk_size):
-            out[indices[0] : indices[-1] + 1] = [d.natoms for d in dataset.get_many(indices, transform=False)]
-            bar.update(len(indices))
-    return out
+def __getattr__(name: str) -> Any:
+    """``dataset_natoms`` moved to :mod:`escn_train.data.index`; still importable from here.
+
+    Imported lazily, so ``python -m escn_train.data.index`` does not import that module twice.
+    """
+    if name == "dataset_natoms":
+        from escn_train.data.index import dataset_natoms
+
+        return dataset_natoms
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
