@@ -57,6 +57,16 @@ def test_non_finite_position_names_the_atom(value):
         build_model(NAME)(batch)
 
 
+def test_check_inputs_false_skips_the_eager_checks():
+    model = build_model(NAME, export=True, check_inputs=False)
+    assert model.check_inputs is False and "check_inputs" not in str(list(model.state_dict()))
+    args = _args()
+    args[0][11, 1] = float("nan")  # not refused: the caller has validated its inputs
+    args[5][3] = args[6][3, 0] = float("nan")
+    energy, forces = model(*args)
+    assert not torch.isfinite(forces).all()
+
+
 def test_checks_are_skipped_inside_an_exported_program():
     model = build_model(NAME, export=True)
     program = torch.export.export(model, tuple(_args()))

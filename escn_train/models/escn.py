@@ -217,7 +217,9 @@ class eSCN(nn.Module):  # noqa: N801 - the reference's public name
 
     Arguments and defaults are the reference's (see the API doc). Additions:
     ``random_frames`` restores the reference's random per-edge frames (off by default,
-    so outputs are deterministic).
+    so outputs are deterministic). ``check_inputs`` (default True) runs the eager input
+    checks of ``forward`` and ``forward_trainable``; they cost device-to-host
+    synchronisations, so callers that validated their data already turn them off.
 
     Calling the model runs ``forward_trainable(batch)`` unless ``export=True``, in which case
     it runs ``forward(pos, batch_idx, natoms, atomic_numbers, edge_index, edge_distance,
@@ -244,6 +246,7 @@ class eSCN(nn.Module):  # noqa: N801 - the reference's public name
         export: bool = False,
         rescale_grid: bool = False,
         random_frames: bool = False,
+        check_inputs: bool = True,
     ) -> None:
         super().__init__()
         if not 0 <= mmax <= lmax:
@@ -267,6 +270,7 @@ class eSCN(nn.Module):  # noqa: N801 - the reference's public name
         self.export = export
         self.rescale_grid = rescale_grid
         self.random_frames = random_frames
+        self.check_inputs = check_inputs
         self.act = nn.SiLU()
 
         self.sphere_embedding = nn.Embedding(max_num_elements, sphere_channels)
@@ -339,7 +343,7 @@ class eSCN(nn.Module):  # noqa: N801 - the reference's public name
             pos.shape[0], dtype=torch.long, device=pos.device
         )
         atomic_numbers = data.atomic_numbers.to(torch.long)
-        if not _tracing():
+        if self.check_inputs and not _tracing():
             _check_positions(pos)
         if getattr(data, "edge_index", None) is not None and getattr(data, "cell_offsets", None) is not None:
             edge_index = data.edge_index
@@ -366,15 +370,16 @@ class eSCN(nn.Module):  # noqa: N801 - the reference's public name
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Energies [B] and forces [N, 3] of a batch with a prepared graph.
 
-        In eager mode the inputs are checked first (atomic numbers in range, finite
-        positions, no zero-length edge); those checks are skipped while tracing for
-        ``torch.export`` or ``torch.compile``.
+        In eager mode with ``check_inputs`` the inputs are checked first (atomic numbers in
+        range, finite positions, no zero-length edge); those checks are skipped while
+        tracing for ``torch.export`` or ``torch.compile``.
         """
         if _tracing():
             return self._forward_impl(
                 pos, batch_idx, natoms, atomic_numbers, edge_index, edge_distance, edge_distance_vec
             )
-        self._check_inputs(pos, atomic_numbers, edge_index, edge_distance, edge_distance_vec)
+        if self.check_inputs:
+            self._check_inputs(pos, atomic_numbers, edge_index, edge_distance, edge_distance_vec)
         impl = self._forward_impl
         if self.compile:
             if self._compiled_forward is None:
