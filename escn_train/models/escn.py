@@ -10,32 +10,19 @@ graph from a PyG batch first.
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from e3nn import o3
 from torch import nn
 
 from escn_train.graph import edge_vectors, radius_graph_pbc
-from escn_train.models.distance_bands import DistanceBands
-from escn_train.models.edge_groups import EdgeGroups
-from escn_train.models.grouped_so2 import (
-    MessageGeometry,
-    Term,
-    TermParameters,
-    build_geometry,
-    first_layer_projections,
-    grouped_so2,
-    imaginary_rows,
-    order_row_offsets,
-    order_rows_index,
-    select_terms,
-    so2_stage,
-    so2_terms,
-    with_zero_gradients,
-)
+from escn_train.models.fast import message as fast_message
+from escn_train.models.fast.distance import DistanceBands, expand_distances
+from escn_train.models.fast.geometry import MessageGeometry, _tracing
+from escn_train.models.fast.slots import target_layout
 from escn_train.models.so3 import SO3_Grid, CoefficientMapping, WignerCalculator, coefficient_idx
-from escn_train.models.smearing import GaussianSmearing, make_distance_expansion
+from escn_train.models.smearing import make_distance_expansion
 from escn_train.models.workspace import Workspace
 from escn_train.precision import autocast_off, float32
 
@@ -44,127 +31,6 @@ MIN_EDGE_LENGTH = 1e-4
 
 # Keys of the reference's derived constant buffers; rebuilt here from the configuration.
 _REFERENCE_CONSTANT_MARKERS = ("SO3_grid.", "mappingReduced.", "Jd_", "SO3_edge_rot.", ".mapping.")
-
-
-def _tracing() -> bool:
-    return torch.compiler.is_compiling() or torch.compiler.is_exporting()
-
-
-def _grouped(edge_index: torch.Tensor) -> bool:
-    """Whether message blocks take the grouped path (eager, at least one edge); otherwise
-    the per-edge one, whose static shapes export and compile trace."""
-    return not _tracing() and edge_index.shape[1] > 0
-
-
-#: Grid values per block of the S2-grid stage: 512 KB, so each block's grid stays in a
-#: core's L2 cache between the projection, the SiLU and the projection back (measured on
-#: the bench batch: 2^16..2^17 best, 2^20 ~10% slower on the tiny configuration).
-GRID_BLOCK_FLOATS = 2**17
-
-
-def _edge_block_size(to_grid: torch.Tensor, y: torch.Tensor, back: RotationBack | None) -> int:
-    """Edges per block for grid values of ``to_grid.shape[0]`` points x ``y.shape[2]`` channels
-    (whole groups of ``back`` when given)."""
-    step = max(1, GRID_BLOCK_FLOATS // max(1, to_grid.shape[0] * y.shape[2]))
-    return step if back is None else max(1, step // back.groups.size) * back.groups.size
-
-
-class RotationBack(NamedTuple):
-    """The rotation back of edge values in the target-slot layout, summed per target atom:
-    out[a] = Σ_{slots of a} rows_sᵀ @ values_s, with ``rows`` [groups, size * R, S] padded
-    to the target ``groups`` (:attr:`MessageGeometry.back_rows`)."""
-
-    rows: torch.Tensor
-    groups: EdgeGroups
-    num_atoms: int
-    workspace: Workspace | None = None  # lends backward its gradient buffer
-
-    def sum_block(self, values: torch.Tensor, start: int, out: torch.Tensor) -> None:
-        """Add the sums of the slots from ``start`` on (whole groups), ``values`` [slots, R, C],
-        to ``out`` ([groups, S, C] when each group is an atom, else [atoms, S, C])."""
-        size = self.groups.size
-        first, last = start // size, start // size + values.shape[0] // size
-        values = values.view(last - first, self.rows.shape[1], values.shape[2])
-        if self.groups.one_per_atom:
-            torch.bmm(self.rows[first:last].transpose(1, 2), values, out=out[first:last])
-        else:
-            out.index_add_(0, self.groups.group_atom[first:last], torch.bmm(self.rows[first:last].transpose(1, 2), values))
-
-    def block_gradient(self, grad_per_group: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        """The gradient of the slots start..stop (whole groups) given the per-group gradient
-        of the sums, [slots, R, C]."""
-        size = self.groups.size
-        grad = torch.bmm(self.rows[start // size : stop // size], grad_per_group[start // size : stop // size])
-        return grad.view(stop - start, self.rows.shape[1] // size, grad.shape[2])
-
-
-class _GridSiLU(torch.autograd.Function):
-    """from_grid @ SiLU(to_grid @ y), edge block by edge block, recomputed in backward;
-    with a :class:`RotationBack`, rotated back and summed per atom block by block too.
-
-    The grid values (E x points x C) are the largest activation of a message block. Here
-    they exist one cache-sized block of edges at a time (memory traffic is the cost of
-    this stage on CPUs), and backward recomputes them from ``y`` instead of storing them.
-    Rotating each block back while it is in cache spares the [E, coeffs, C] result and its
-    gradient. Results and gradients are bit for bit those of the unblocked expressions.
-    """
-
-    @staticmethod
-    def forward(
-        y: torch.Tensor, to_grid: torch.Tensor, from_grid: torch.Tensor, back: RotationBack | None = None
-    ) -> torch.Tensor:
-        if back is None:
-            out = y.new_empty(y.shape[0], from_grid.shape[0], y.shape[2])
-        elif back.groups.one_per_atom:
-            out = y.new_empty(back.num_atoms, back.rows.shape[2], y.shape[2])
-        else:
-            out = y.new_zeros(back.num_atoms, back.rows.shape[2], y.shape[2])
-        step = _edge_block_size(to_grid, y, back)
-        for start in range(0, y.shape[0], step):
-            grid = nn.functional.silu(torch.matmul(to_grid, y[start : start + step]), inplace=True)
-            if back is None:
-                torch.matmul(from_grid, grid, out=out[start : start + step])
-            else:
-                back.sum_block(torch.matmul(from_grid, grid), start, out)
-        return out
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
-        ctx.back = inputs[3] if len(inputs) > 3 else None
-        ctx.save_for_backward(*inputs[:3])
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
-        y, to_grid, from_grid = ctx.saved_tensors
-        back = ctx.back
-        if back is not None and back.workspace is not None:
-            # Consumed by the SO(2) stage's backward before any other layer's grid backward.
-            grad_y = back.workspace.get("grid_grad", y.shape, y)
-        else:
-            grad_y = torch.empty_like(y)
-        if back is not None:
-            grad = back.groups.per_group(grad)
-        step = _edge_block_size(to_grid, y, back)
-        for start in range(0, y.shape[0], step):
-            stop = min(start + step, y.shape[0])
-            grid = torch.matmul(to_grid, y[start:stop])
-            grad_out = grad[start:stop] if back is None else back.block_gradient(grad, start, stop)
-            # SiLU' is exactly 1 above 80 and below 1e-32 under -80; clamping keeps its
-            # exp() off the slow path that saturated grid values would take on CPUs.
-            grad_grid = torch.ops.aten.silu_backward(torch.matmul(from_grid.t(), grad_out), grid.clamp_(-80.0, 80.0))
-            torch.matmul(to_grid.t(), grad_grid, out=grad_y[start:stop])
-        return grad_y, None, None, None
-
-
-def grid_silu(
-    y: torch.Tensor, to_grid: torch.Tensor, from_grid: torch.Tensor, back: RotationBack | None = None
-) -> torch.Tensor:
-    """Pointwise SiLU on the S2 grid: from_grid @ SiLU(to_grid @ y) for y [E, coeffs, C]
-    (see :class:`_GridSiLU`); with ``back``, the per-atom sums of its rotation back,
-    [atoms, S, C] (y in the target-slot layout). Eager only."""
-    if torch.is_grad_enabled() and y.requires_grad:
-        return _GridSiLU.apply(y, to_grid, from_grid, back)
-    return _GridSiLU.forward(y, to_grid, from_grid, back)
 
 
 def calc_sphere_points(num_points: int) -> torch.Tensor:
@@ -204,7 +70,8 @@ def edge_frames(edge_distance_vec: torch.Tensor, random_frames: bool = False) ->
         u = torch.where(dot > dot_c, u_c, u)
     else:
         axis = torch.argmin(norm_x.abs(), dim=1)
-        u = torch.nn.functional.one_hot(axis, 3).to(norm_x.dtype)
+        # A comparison, not one_hot (which reads the indices' range back to the host).
+        u = (axis.unsqueeze(1) == torch.arange(3, device=axis.device)).to(norm_x.dtype)
     norm_z = torch.cross(norm_x, u, dim=1)
     norm_z = norm_z / torch.sqrt(torch.sum(norm_z**2, dim=1, keepdim=True))
     norm_y = torch.cross(norm_x, norm_z, dim=1)
@@ -440,17 +307,12 @@ class eSCN(nn.Module):  # noqa: N801 - the reference's public name
             device=atomic_numbers.device,
         )
         x[:, 0, :] = self.sphere_embedding(atomic_numbers)
-        geometry = None
-        if self.layer_blocks and _grouped(edge_index):
-            geometry = self.layer_blocks[0].message_block.geometry(wigner, edge_index, num_atoms, self.workspace)
-        # Shared by every layer; per target slot on the grouped path. Eager and without
-        # autograd through the distances, a Gaussian expansion keeps only its non-zero bands
-        # (export and compile keep static shapes).
-        distance = edge_distance if geometry is None else edge_distance[geometry.slot_edge]
-        if isinstance(self.distance_expansion, GaussianSmearing) and not (_tracing() or distance.requires_grad):
-            expanded_distance = self.distance_expansion.bands(distance)
-        else:
-            expanded_distance = self.distance_expansion(distance)
+        geometry = expanded_distance = None
+        if self.layer_blocks and edge_index.shape[1] > 0:
+            message_block = self.layer_blocks[0].message_block
+            geometry = message_block.geometry(wigner, edge_index, num_atoms, self.max_neighbors, self.workspace)
+            # Shared by every layer, per target slot.
+            expanded_distance = expand_distances(self.distance_expansion, edge_distance[geometry.slot_edge])
         for i, layer in enumerate(self.layer_blocks):
             update = layer(
                 x, atomic_numbers, edge_distance, edge_index, wigner, expanded_distance=expanded_distance,
@@ -496,6 +358,16 @@ class eSCN(nn.Module):  # noqa: N801 - the reference's public name
                 f"atom {atom} has atomic number {int(atomic_numbers[atom])}, outside the model's "
                 f"range 0..{self.max_num_elements - 1} (max_num_elements={self.max_num_elements})"
             )
+        _, bounded = target_layout(self.max_neighbors)
+        if bounded and edge_index.shape[1] > 0:
+            degree = torch.bincount(edge_index[1], minlength=atomic_numbers.shape[0])
+            atom = int(degree.argmax())
+            if int(degree[atom]) > self.max_neighbors:
+                raise ValueError(
+                    f"atom {atom} is the target of {int(degree[atom])} edges, more than the model's "
+                    f"max_neighbors={self.max_neighbors}; build the graph with at most max_neighbors "
+                    f"neighbours per atom"
+                )
         length = torch.linalg.vector_norm(edge_distance_vec, dim=-1)
         bad = ~torch.isfinite(length) | (length < MIN_EDGE_LENGTH) | ~torch.isfinite(edge_distance)
         if bool(bad.any()):
@@ -630,23 +502,7 @@ class MessageBlock(nn.Module):
         self.so2_block_source = SO2Block(sphere_channels, hidden_channels, edge_channels, lmax, mmax, act)
         self.so2_block_target = SO2Block(sphere_channels, hidden_channels, edge_channels, lmax, mmax, act)
 
-        # Everything between the two rotations works in the m-major order of the reduced
-        # layout, so no permutation is ever applied: the rotation writes its rows in that
-        # order and the grid matrices read them in that order.
-        to_m = self.so2_block_source.mappingReduced.to_m_index
-        self.register_buffer("rotation_rows", self.out_mask[to_m], persistent=False)
-        grid = SO3_grid["lmax_mmax"]
-        self.register_buffer("grid_to", grid.to_grid_mat.flatten(0, 1)[:, to_m].contiguous(), persistent=False)
-        self.register_buffer("grid_from", grid.from_grid_mat.flatten(0, 1)[:, to_m].t().contiguous(), persistent=False)
-        self.m_size = list(self.so2_block_source.mappingReduced.m_size)
-        # Rows of order ±m of the Wigner matrices read by the grouped first layers.
-        self.order_rows_shape = []
-        for m, (index, shape) in enumerate(order_rows_index(lmax, mmax)):
-            self.register_buffer(f"order_rows_index_{m}", index, persistent=False)
-            self.order_rows_shape.append(shape)
-        self.terms = so2_terms(hidden_channels, mmax)
-        self.terms_degree_zero = select_terms(self.terms, orders=(0,))
-        self.row_offsets = order_row_offsets(lmax, mmax)
+        fast_message.add_constants(self)
 
     def forward(
         self,
@@ -659,104 +515,55 @@ class MessageBlock(nn.Module):
         geometry: MessageGeometry | None = None,
         degree_zero_input: bool = False,
     ) -> torch.Tensor:
-        """``geometry``: :meth:`geometry` of this graph when the caller already has it (it
-        is the same for every layer); ``expanded_distance``: the distance expansion of the
-        geometry's slots (``distance_expansion(edge_distance[geometry.slot_edge])``), or
-        of the edges when there is no geometry (tracing, no edges). ``degree_zero_input``:
-        the caller guarantees that only the l = 0 coefficients of ``x`` are non-zero (the
-        first layer's input, the atom embedding): rotated, they have no m > 0 part, so the
-        m > 0 convolutions give exact zeros and are skipped (their parameters get exact
-        zero gradients, as they would)."""
-        source, target = edge_index[0], edge_index[1]
-        if not _grouped(edge_index):
-            x_edge = self.edge_block(
-                edge_distance, atomic_numbers[source], atomic_numbers[target], expanded_distance=expanded_distance
-            )
-            return self._forward_per_edge(x, x_edge, edge_index, wigner)
+        """Messages summed per target atom, [N, (lmax+1)^2, C], by the fast formulation
+        (:mod:`escn_train.models.fast.message`).
+
+        ``geometry``: :meth:`geometry` of this graph when the caller already has it (it is
+        the same for every layer); ``expanded_distance``: the distance expansion of its
+        slots (``distance_expansion(edge_distance[geometry.slot_edge])``), computed here
+        when None. ``degree_zero_input``: the caller guarantees that only the l = 0
+        coefficients of ``x`` are non-zero (the first layer's input, the atom embedding):
+        rotated, they have no m > 0 part, so the m > 0 convolutions give exact zeros and
+        are skipped (their parameters get exact zero gradients, as they would)."""
+        if edge_index.shape[1] == 0:
+            return torch.zeros_like(x)
         if geometry is None:
             geometry = self.geometry(wigner, edge_index, x.shape[0])
             expanded_distance = None
-        slot_edge = geometry.slot_edge
-        x_edge = self.edge_block(
-            edge_distance[slot_edge], atomic_numbers[source[slot_edge]], atomic_numbers[target[slot_edge]],
-            expanded_distance=expanded_distance,
+        return fast_message.message(
+            self, x, atomic_numbers, edge_distance, edge_index, geometry, expanded_distance, degree_zero_input
         )
-        terms = self.terms_degree_zero if degree_zero_input else self.terms
-        params = [self._term_parameters(t) for t in terms]
-        projections = first_layer_projections(x, [p.first for p in params], [t.order for t in terms])
-        if degree_zero_input and torch.is_grad_enabled():
-            blocks = (self.so2_block_source, self.so2_block_target)
-            skipped = [p for block in blocks for conv in block.so2_conv for p in conv.parameters() if p.requires_grad]
-            projections[0] = with_zero_gradients(projections[0], skipped)
-        y = grouped_so2(
-            geometry, terms, self.row_offsets, self.sphere_channels, x_edge, torch.cat([p.gate_weight for p in params]),
-            torch.cat([p.gate_bias for p in params]), projections, [p.second for p in params],
-        )
-        with autocast_off(y):
-            back = RotationBack(geometry.back_rows, geometry.groups[1], x.shape[0], geometry.workspace)
-            return grid_silu(float32(y), self.grid_to, self.grid_from, back)
 
     def geometry(
-        self, wigner: torch.Tensor, edge_index: torch.Tensor, num_atoms: int, workspace: Workspace | None = None
+        self,
+        wigner: torch.Tensor,
+        edge_index: torch.Tensor,
+        num_atoms: int,
+        max_neighbors: int | None = None,
+        workspace: Workspace | None = None,
     ) -> MessageGeometry:
-        """The per-graph constants of the grouped computation (see :class:`MessageGeometry`)."""
-        return build_geometry(
-            wigner,
-            edge_index,
-            num_atoms,
-            [getattr(self, f"order_rows_index_{m}") for m in range(self.mmax + 1)],
-            self.order_rows_shape,
-            self.rotation_rows,
-            workspace,
-        )
+        """The per-graph constants of the fast computation (see :class:`MessageGeometry`);
+        ``max_neighbors``: the graph's bound on edges per target atom, if any."""
+        return fast_message.geometry(self, wigner, edge_index, num_atoms, max_neighbors, workspace)
 
-    def _term_parameters(self, term: Term) -> TermParameters:
-        """A term's weights; its gate rows are the real or imaginary half of an SO2Conv's fc1_dist."""
-        block = (self.so2_block_source, self.so2_block_target)[term.side]
-        if term.order == 0:
-            first, second, gate, rows = block.fc1_m0, block.fc2_m0, block.fc1_dist0, slice(None)
-        else:
-            conv = block.so2_conv[term.order - 1]
-            imaginary = term.rows_key == "swapped"
-            first, second = (conv.fc1_i, conv.fc2_i) if imaginary else (conv.fc1_r, conv.fc2_r)
-            gate, rows = conv.fc1_dist, slice(term.width, 2 * term.width) if imaginary else slice(0, term.width)
-        return TermParameters(
-            first.weight.view(first.weight.shape[0], self.lmax - term.order + 1, self.sphere_channels),
-            second.weight,
-            gate.weight[rows],
-            gate.bias[rows],
-        )
-
-    def _forward_per_edge(
-        self, x: torch.Tensor, x_edge: torch.Tensor, edge_index: torch.Tensor, wigner: torch.Tensor
+    def reference(
+        self,
+        x: torch.Tensor,
+        atomic_numbers: torch.Tensor,
+        edge_distance: torch.Tensor,
+        edge_index: torch.Tensor,
+        wigner: torch.Tensor,
     ) -> torch.Tensor:
-        """The same computation edge by edge (rotate each edge's features, then the first
-        layers as GEMMs over edges, every term computed): static shapes, used when tracing
-        for export/compile."""
+        """The readable composition of the blocks (ESCN_MATH section 6), edge by edge: the
+        test oracle of :meth:`forward`."""
         source, target = edge_index[0], edge_index[1]
-        rotation = wigner.index_select(1, self.rotation_rows)
-        row_sizes = [self.m_size[0]] + [2 * size for size in self.m_size[1:]]
-        with autocast_off(x):
-            rotated = [
-                torch.bmm(rotation, float32(x).index_select(0, index)).split(row_sizes, dim=1) for index in (source, target)
-            ]
-        params = [self._term_parameters(t) for t in self.terms]
-
-        def hidden(t: int) -> torch.Tensor:
-            term, first = self.terms[t], params[t].first.flatten(1)
-            rows = rotated[term.side][term.order].reshape(x_edge.shape[0], 1 if term.order == 0 else 2, first.shape[1])
-            if term.rows_key == "swapped":
-                rows = imaginary_rows(rows)
-            return torch.matmul(rows, first.t())
-
-        y = so2_stage(
-            self.terms, self.row_offsets, self.sphere_channels, x_edge, torch.cat([p.gate_weight for p in params]),
-            torch.cat([p.gate_bias for p in params]), hidden, [p.second for p in params], in_place=False,
-        )
-        with autocast_off(y):
-            y = torch.matmul(self.grid_from, nn.functional.silu(torch.matmul(self.grid_to, float32(y))))
-            y = torch.bmm(rotation.transpose(1, 2), y)
-        return y.new_zeros(x.shape[0], *y.shape[1:]).index_add(0, target, y)
+        x_edge = self.edge_block(edge_distance, atomic_numbers[source], atomic_numbers[target])
+        rows = wigner[:, self.out_mask, :]
+        y = self.so2_block_source(torch.bmm(rows, x[source]), x_edge)
+        y = y + self.so2_block_target(torch.bmm(rows, x[target]), x_edge)
+        grid = self.SO3_grid["lmax_mmax"]
+        y = grid.from_grid_flat(self.act(grid.to_grid_flat(y)))
+        return torch.zeros_like(x).index_add(0, target, torch.bmm(rows.transpose(1, 2), y))
 
 
 class SO2Block(nn.Module):
