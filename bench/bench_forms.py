@@ -41,7 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     batch = torch.load(args.batch, weights_only=True)
     inputs = tuple(batch[k] for k in FORWARD_KEYS)
     torch.manual_seed(0)
-    model = eSCN(export=True, check_inputs=False, compile=args.form == "compile", **CONFIGS[args.config])
+    import inspect
+
+    options = {"check_inputs": False} if "check_inputs" in inspect.signature(eSCN).parameters else {}
+    model = eSCN(export=True, compile=args.form == "compile", **options, **CONFIGS[args.config])
     start = time.perf_counter()
     if args.form in ("export", "aoti"):
         from escn_train.inference.export import dynamic_shapes

@@ -9,7 +9,6 @@ graph from a PyG batch first.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -20,63 +19,15 @@ from escn_train.graph import edge_vectors, radius_graph_pbc
 from escn_train.models.fast import message as fast_message
 from escn_train.models.fast.distance import DistanceBands, expand_distances
 from escn_train.models.fast.geometry import MessageGeometry, _tracing
-from escn_train.models.fast.slots import target_layout
-from escn_train.models.so3 import SO3_Grid, CoefficientMapping, WignerCalculator, coefficient_idx
+from escn_train.models.inputs import check_graph_inputs, check_positions
+from escn_train.models.so3 import SO3_Grid, CoefficientMapping, WignerCalculator, coefficient_idx, edge_frames
+from escn_train.models.readout import EnergyBlock, ForceBlock, calc_sphere_points
 from escn_train.models.smearing import make_distance_expansion
 from escn_train.models.workspace import Workspace
 from escn_train.precision import autocast_off, float32
 
-#: Edges shorter than this (Å) have no direction: the frame and the physics break down.
-MIN_EDGE_LENGTH = 1e-4
-
 # Keys of the reference's derived constant buffers; rebuilt here from the configuration.
 _REFERENCE_CONSTANT_MARKERS = ("SO3_grid.", "mappingReduced.", "Jd_", "SO3_edge_rot.", ".mapping.")
-
-
-def calc_sphere_points(num_points: int) -> torch.Tensor:
-    """Golden-spiral points on the sphere, each scaled by its inverse local density."""
-    golden_ratio = (1.0 + math.sqrt(5.0)) / 2.0
-    i = torch.arange(num_points, dtype=torch.float64).view(-1, 1)
-    theta = 2.0 * math.pi * i / golden_ratio
-    phi = torch.arccos(1.0 - 2.0 * (i + 0.5) / num_points)
-    points = torch.cat([torch.cos(theta) * torch.sin(phi), torch.sin(theta) * torch.sin(phi), torch.cos(phi)], dim=1)
-    sq_dist = (points.view(1, -1, 3) - points.view(-1, 1, 3)).pow(2).sum(dim=2)
-    density = torch.exp(-sq_dist / 0.15).sum(dim=1)
-    scale = 1.0 / density
-    scale = num_points * scale / scale.sum()
-    return (points * scale.view(-1, 1)).to(torch.get_default_dtype())
-
-
-def edge_frames(edge_distance_vec: torch.Tensor, random_frames: bool = False) -> torch.Tensor:
-    """Per-edge rotations with rows (ẑ', x̂, -ŷ') that map the edge direction onto +y.
-
-    The helper vector u that fixes the rotation about the edge is, by default, the
-    coordinate axis least aligned with the edge: a fixed function of the direction, never
-    parallel to it, so identical inputs give bitwise identical outputs. ``random_frames``
-    draws u at random as the reference does.
-    """
-    length = torch.sqrt(torch.sum(edge_distance_vec**2, dim=1, keepdim=True))
-    norm_x = edge_distance_vec / length
-    if random_frames:
-        u = torch.rand_like(edge_distance_vec) - 0.5
-        u = u / torch.sqrt(torch.sum(u**2, dim=1, keepdim=True))
-        u_b = torch.stack([-u[:, 1], u[:, 0], u[:, 2]], dim=1)
-        u_c = torch.stack([u[:, 0], -u[:, 2], u[:, 1]], dim=1)
-        dot = torch.abs(torch.sum(u * norm_x, dim=1, keepdim=True))
-        dot_b = torch.abs(torch.sum(u_b * norm_x, dim=1, keepdim=True))
-        u = torch.where(dot > dot_b, u_b, u)
-        dot = torch.abs(torch.sum(u * norm_x, dim=1, keepdim=True))
-        dot_c = torch.abs(torch.sum(u_c * norm_x, dim=1, keepdim=True))
-        u = torch.where(dot > dot_c, u_c, u)
-    else:
-        axis = torch.argmin(norm_x.abs(), dim=1)
-        # A comparison, not one_hot (which reads the indices' range back to the host).
-        u = (axis.unsqueeze(1) == torch.arange(3, device=axis.device)).to(norm_x.dtype)
-    norm_z = torch.cross(norm_x, u, dim=1)
-    norm_z = norm_z / torch.sqrt(torch.sum(norm_z**2, dim=1, keepdim=True))
-    norm_y = torch.cross(norm_x, norm_z, dim=1)
-    norm_y = norm_y / torch.sqrt(torch.sum(norm_y**2, dim=1, keepdim=True))
-    return torch.stack([norm_z, norm_x, -norm_y], dim=1).detach()
 
 
 class eSCN(nn.Module):  # noqa: N801 - the reference's public name
@@ -94,26 +45,11 @@ class eSCN(nn.Module):  # noqa: N801 - the reference's public name
     """
 
     def __init__(
-        self,
-        max_neighbors: int = 300,
-        cutoff: float = 8.0,
-        max_num_elements: int = 100,
-        num_layers: int = 8,
-        lmax: int = 4,
-        mmax: int = 2,
-        sphere_channels: int = 128,
-        hidden_channels: int = 256,
-        edge_channels: int = 128,
-        num_sphere_samples: int = 128,
-        distance_function: str = "gaussian",
-        basis_width_scalar: float = 1.0,
-        distance_resolution: float = 0.02,
-        resolution: int | None = None,
-        compile: bool = False,
-        export: bool = False,
-        rescale_grid: bool = False,
-        random_frames: bool = False,
-        check_inputs: bool = True,
+        self, max_neighbors: int = 300, cutoff: float = 8.0, max_num_elements: int = 100, num_layers: int = 8,
+        lmax: int = 4, mmax: int = 2, sphere_channels: int = 128, hidden_channels: int = 256, edge_channels: int = 128,
+        num_sphere_samples: int = 128, distance_function: str = "gaussian", basis_width_scalar: float = 1.0,
+        distance_resolution: float = 0.02, resolution: int | None = None, compile: bool = False, export: bool = False,
+        rescale_grid: bool = False, random_frames: bool = False, check_inputs: bool = True,
     ) -> None:
         super().__init__()
         if not 0 <= mmax <= lmax:
@@ -155,16 +91,8 @@ class eSCN(nn.Module):  # noqa: N801 - the reference's public name
         self.layer_blocks = nn.ModuleList(
             [
                 LayerBlock(
-                    i,
-                    sphere_channels,
-                    hidden_channels,
-                    edge_channels,
-                    lmax,
-                    mmax,
-                    self.distance_expansion,
-                    max_num_elements,
-                    self.SO3_grid,
-                    self.act,
+                    i, sphere_channels, hidden_channels, edge_channels, lmax, mmax, self.distance_expansion,
+                    max_num_elements, self.SO3_grid, self.act,
                 )
                 for i in range(num_layers)
             ]
@@ -211,7 +139,7 @@ class eSCN(nn.Module):  # noqa: N801 - the reference's public name
         )
         atomic_numbers = data.atomic_numbers.to(torch.long)
         if self.check_inputs and not _tracing():
-            _check_positions(pos)
+            check_positions(pos)
         if getattr(data, "edge_index", None) is not None and getattr(data, "cell_offsets", None) is not None:
             edge_index = data.edge_index
             edge_distance, edge_distance_vec = edge_vectors(pos, cell, batch_idx, edge_index, data.cell_offsets)
@@ -226,14 +154,8 @@ class eSCN(nn.Module):  # noqa: N801 - the reference's public name
         return {"energy": energy, "forces": forces}
 
     def forward(
-        self,
-        pos: torch.Tensor,
-        batch_idx: torch.Tensor,
-        natoms: torch.Tensor,
-        atomic_numbers: torch.Tensor,
-        edge_index: torch.Tensor,
-        edge_distance: torch.Tensor,
-        edge_distance_vec: torch.Tensor,
+        self, pos: torch.Tensor, batch_idx: torch.Tensor, natoms: torch.Tensor, atomic_numbers: torch.Tensor,
+        edge_index: torch.Tensor, edge_distance: torch.Tensor, edge_distance_vec: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Energies [B] and forces [N, 3] of a batch with a prepared graph.
 
@@ -246,7 +168,8 @@ class eSCN(nn.Module):  # noqa: N801 - the reference's public name
                 pos, batch_idx, natoms, atomic_numbers, edge_index, edge_distance, edge_distance_vec
             )
         if self.check_inputs:
-            self._check_inputs(pos, atomic_numbers, edge_index, edge_distance, edge_distance_vec)
+            check_graph_inputs(pos, atomic_numbers, edge_index, edge_distance, edge_distance_vec,
+                               self.max_num_elements, self.max_neighbors)
         impl = self._forward_impl
         if self.compile:
             if self._compiled_forward is None:
@@ -261,14 +184,8 @@ class eSCN(nn.Module):  # noqa: N801 - the reference's public name
         return impl(pos, batch_idx, natoms, atomic_numbers, edge_index, edge_distance, edge_distance_vec)
 
     def _forward_impl(
-        self,
-        pos: torch.Tensor,
-        batch_idx: torch.Tensor,
-        natoms: torch.Tensor,
-        atomic_numbers: torch.Tensor,
-        edge_index: torch.Tensor,
-        edge_distance: torch.Tensor,
-        edge_distance_vec: torch.Tensor,
+        self, pos: torch.Tensor, batch_idx: torch.Tensor, natoms: torch.Tensor, atomic_numbers: torch.Tensor,
+        edge_index: torch.Tensor, edge_distance: torch.Tensor, edge_distance_vec: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         edge_rot_mat = edge_frames(edge_distance_vec, self.random_frames)
         return self.forward_with_frames(
@@ -276,23 +193,15 @@ class eSCN(nn.Module):  # noqa: N801 - the reference's public name
         )
 
     def forward_with_frames(
-        self,
-        batch_idx: torch.Tensor,
-        natoms: torch.Tensor,
-        atomic_numbers: torch.Tensor,
-        edge_index: torch.Tensor,
-        edge_distance: torch.Tensor,
-        edge_rot_mat: torch.Tensor,
+        self, batch_idx: torch.Tensor, natoms: torch.Tensor, atomic_numbers: torch.Tensor, edge_index: torch.Tensor,
+        edge_distance: torch.Tensor, edge_rot_mat: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The network given explicit per-edge frames (for example the reference's)."""
         x = self.node_features(atomic_numbers, edge_index, edge_distance, edge_rot_mat)
         return self.readout(x, batch_idx, natoms.shape[0])
 
     def node_features(
-        self,
-        atomic_numbers: torch.Tensor,
-        edge_index: torch.Tensor,
-        edge_distance: torch.Tensor,
+        self, atomic_numbers: torch.Tensor, edge_index: torch.Tensor, edge_distance: torch.Tensor,
         edge_rot_mat: torch.Tensor,
     ) -> torch.Tensor:
         """Spherical node features after the last layer, [N, (lmax+1)^2, C]."""
@@ -300,10 +209,7 @@ class eSCN(nn.Module):  # noqa: N801 - the reference's public name
         wigner = self.wigner(edge_rot_mat)
         num_atoms = atomic_numbers.shape[0]
         x = torch.zeros(
-            num_atoms,
-            self.sph_feature_size,
-            self.sphere_channels,
-            dtype=self.sphere_embedding.weight.dtype,
+            num_atoms, self.sph_feature_size, self.sphere_channels, dtype=self.sphere_embedding.weight.dtype,
             device=atomic_numbers.device,
         )
         x[:, 0, :] = self.sphere_embedding(atomic_numbers)
@@ -337,53 +243,6 @@ class eSCN(nn.Module):  # noqa: N801 - the reference's public name
             energy = energy.index_add(0, batch_idx, node_energy) * 0.001
             forces = self.force_block(x_pt, self.sphere_points)
         return energy, forces
-
-    # ----------------------------------------------------------------------------------
-    # Input validation (eager only)
-    # ----------------------------------------------------------------------------------
-
-    def _check_inputs(
-        self,
-        pos: torch.Tensor,
-        atomic_numbers: torch.Tensor,
-        edge_index: torch.Tensor,
-        edge_distance: torch.Tensor,
-        edge_distance_vec: torch.Tensor,
-    ) -> None:
-        _check_positions(pos)
-        bad = (atomic_numbers < 0) | (atomic_numbers >= self.max_num_elements)
-        if bool(bad.any()):
-            atom = int(bad.nonzero()[0, 0])
-            raise ValueError(
-                f"atom {atom} has atomic number {int(atomic_numbers[atom])}, outside the model's "
-                f"range 0..{self.max_num_elements - 1} (max_num_elements={self.max_num_elements})"
-            )
-        _, bounded = target_layout(self.max_neighbors)
-        if bounded and edge_index.shape[1] > 0:
-            degree = torch.bincount(edge_index[1], minlength=atomic_numbers.shape[0])
-            atom = int(degree.argmax())
-            if int(degree[atom]) > self.max_neighbors:
-                raise ValueError(
-                    f"atom {atom} is the target of {int(degree[atom])} edges, more than the model's "
-                    f"max_neighbors={self.max_neighbors}; build the graph with at most max_neighbors "
-                    f"neighbours per atom"
-                )
-        length = torch.linalg.vector_norm(edge_distance_vec, dim=-1)
-        bad = ~torch.isfinite(length) | (length < MIN_EDGE_LENGTH) | ~torch.isfinite(edge_distance)
-        if bool(bad.any()):
-            edge = int(bad.nonzero()[0, 0])
-            raise ValueError(
-                f"edge {edge} (source atom {int(edge_index[0, edge])} -> target atom "
-                f"{int(edge_index[1, edge])}) has length {float(length[edge]):.3g} Å; edges must be "
-                f"finite and at least {MIN_EDGE_LENGTH} Å long (overlapping atoms?)"
-            )
-
-
-def _check_positions(pos: torch.Tensor) -> None:
-    bad = ~torch.isfinite(pos).all(dim=-1)
-    if bool(bad.any()):
-        atom = int(bad.nonzero()[0, 0])
-        raise ValueError(f"atom {atom} has a non-finite position {pos[atom].tolist()}")
 
 
 def _accept_reference_layout(
@@ -429,31 +288,17 @@ class LayerBlock(nn.Module):
         self.sphere_channels = sphere_channels
         self.SO3_grid = SO3_grid
         self.message_block = MessageBlock(
-            layer_idx,
-            sphere_channels,
-            hidden_channels,
-            edge_channels,
-            lmax,
-            mmax,
-            distance_expansion,
-            max_num_elements,
-            SO3_grid,
-            act,
+            layer_idx, sphere_channels, hidden_channels, edge_channels, lmax, mmax, distance_expansion,
+            max_num_elements, SO3_grid, act,
         )
         self.fc1_sphere = nn.Linear(2 * sphere_channels, sphere_channels, bias=False)
         self.fc2_sphere = nn.Linear(sphere_channels, sphere_channels, bias=False)
         self.fc3_sphere = nn.Linear(sphere_channels, sphere_channels, bias=False)
 
     def forward(
-        self,
-        x: torch.Tensor,
-        atomic_numbers: torch.Tensor,
-        edge_distance: torch.Tensor,
-        edge_index: torch.Tensor,
-        wigner: torch.Tensor,
-        expanded_distance: torch.Tensor | DistanceBands | None = None,
-        geometry: MessageGeometry | None = None,
-        degree_zero_input: bool = False,
+        self, x: torch.Tensor, atomic_numbers: torch.Tensor, edge_distance: torch.Tensor, edge_index: torch.Tensor,
+        wigner: torch.Tensor, expanded_distance: torch.Tensor | DistanceBands | None = None,
+        geometry: MessageGeometry | None = None, degree_zero_input: bool = False,
     ) -> torch.Tensor:
         """``expanded_distance``, ``geometry`` and ``degree_zero_input``: see
         :meth:`MessageBlock.forward`."""
@@ -505,15 +350,9 @@ class MessageBlock(nn.Module):
         fast_message.add_constants(self)
 
     def forward(
-        self,
-        x: torch.Tensor,
-        atomic_numbers: torch.Tensor,
-        edge_distance: torch.Tensor,
-        edge_index: torch.Tensor,
-        wigner: torch.Tensor,
-        expanded_distance: torch.Tensor | DistanceBands | None = None,
-        geometry: MessageGeometry | None = None,
-        degree_zero_input: bool = False,
+        self, x: torch.Tensor, atomic_numbers: torch.Tensor, edge_distance: torch.Tensor, edge_index: torch.Tensor,
+        wigner: torch.Tensor, expanded_distance: torch.Tensor | DistanceBands | None = None,
+        geometry: MessageGeometry | None = None, degree_zero_input: bool = False,
     ) -> torch.Tensor:
         """Messages summed per target atom, [N, (lmax+1)^2, C], by the fast formulation
         (:mod:`escn_train.models.fast.message`).
@@ -535,11 +374,7 @@ class MessageBlock(nn.Module):
         )
 
     def geometry(
-        self,
-        wigner: torch.Tensor,
-        edge_index: torch.Tensor,
-        num_atoms: int,
-        max_neighbors: int | None = None,
+        self, wigner: torch.Tensor, edge_index: torch.Tensor, num_atoms: int, max_neighbors: int | None = None,
         workspace: Workspace | None = None,
     ) -> MessageGeometry:
         """The per-graph constants of the fast computation (see :class:`MessageGeometry`);
@@ -547,11 +382,7 @@ class MessageBlock(nn.Module):
         return fast_message.geometry(self, wigner, edge_index, num_atoms, max_neighbors, workspace)
 
     def reference(
-        self,
-        x: torch.Tensor,
-        atomic_numbers: torch.Tensor,
-        edge_distance: torch.Tensor,
-        edge_index: torch.Tensor,
+        self, x: torch.Tensor, atomic_numbers: torch.Tensor, edge_distance: torch.Tensor, edge_index: torch.Tensor,
         wigner: torch.Tensor,
     ) -> torch.Tensor:
         """The readable composition of the blocks (ESCN_MATH section 6), edge by edge: the
@@ -570,13 +401,7 @@ class SO2Block(nn.Module):
     """SO(2) convolutions of every order m of edge-aligned coefficients."""
 
     def __init__(
-        self,
-        sphere_channels: int,
-        hidden_channels: int,
-        edge_channels: int,
-        lmax: int,
-        mmax: int,
-        act: nn.Module,
+        self, sphere_channels: int, hidden_channels: int, edge_channels: int, lmax: int, mmax: int, act: nn.Module,
     ) -> None:
         super().__init__()
         self.sphere_channels = sphere_channels
@@ -615,13 +440,7 @@ class SO2Conv(nn.Module):
     """SO(2) convolution of order m > 0: a complex-valued linear map gated by the edge."""
 
     def __init__(
-        self,
-        m: int,
-        sphere_channels: int,
-        hidden_channels: int,
-        edge_channels: int,
-        lmax: int,
-        mmax: int,
+        self, m: int, sphere_channels: int, hidden_channels: int, edge_channels: int, lmax: int, mmax: int,
         act: nn.Module,
     ) -> None:
         super().__init__()
@@ -662,10 +481,7 @@ class EdgeBlock(nn.Module):
         self.fc1_edge_attr = nn.Linear(edge_channels, edge_channels)
 
     def forward(
-        self,
-        edge_distance: torch.Tensor,
-        source_element: torch.Tensor,
-        target_element: torch.Tensor,
+        self, edge_distance: torch.Tensor, source_element: torch.Tensor, target_element: torch.Tensor,
         expanded_distance: torch.Tensor | DistanceBands | None = None,
     ) -> torch.Tensor:
         """``expanded_distance``: the distance expansion, dense [E, num_gaussians] or as
@@ -682,36 +498,3 @@ class EdgeBlock(nn.Module):
         target = self.target_embedding.weight.index_select(0, target_element)
         x_edge = self.act(source + target + x_dist)
         return self.act(self.fc1_edge_attr(x_edge))
-
-
-class _SphereReadout(nn.Module):
-    """An MLP applied at every sample point on the sphere."""
-
-    def __init__(self, num_channels: int, num_sphere_samples: int, act: nn.Module) -> None:
-        super().__init__()
-        self.num_channels = num_channels
-        self.num_sphere_samples = num_sphere_samples
-        self.act = act
-        self.fc1 = nn.Linear(num_channels, num_channels)
-        self.fc2 = nn.Linear(num_channels, num_channels)
-        self.fc3 = nn.Linear(num_channels, 1, bias=False)
-
-    def _per_point(self, x_pt: torch.Tensor) -> torch.Tensor:
-        """[N, P, C] or [N * P, C] -> [N, P, 1]."""
-        x_pt = x_pt.reshape(-1, self.num_sphere_samples, self.num_channels)
-        return self.fc3(self.act(self.fc2(self.act(self.fc1(x_pt)))))
-
-
-class EnergyBlock(_SphereReadout):
-    """Per-atom energy: the readout averaged over the sphere samples."""
-
-    def forward(self, x_pt: torch.Tensor) -> torch.Tensor:
-        return self._per_point(x_pt).sum(dim=1).view(-1) / self.num_sphere_samples
-
-
-class ForceBlock(_SphereReadout):
-    """Per-atom force: the sample points weighted by the readout, averaged."""
-
-    def forward(self, x_pt: torch.Tensor, sphere_points: torch.Tensor) -> torch.Tensor:
-        weighted = self._per_point(x_pt) * sphere_points.view(1, self.num_sphere_samples, 3)
-        return weighted.sum(dim=1) / self.num_sphere_samples
