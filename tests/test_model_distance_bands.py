@@ -1,4 +1,4 @@
-"""The banded Gaussian expansion (escn_train.models.distance_bands) against the dense one."""
+"""The banded Gaussian expansion (escn_train.models.fast.distance) against the dense one."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 from reference_fixtures import build_model, load_fixture
 
-from escn_train.models import distance_bands
-from escn_train.models.distance_bands import DistanceBands
+from escn_train.models.fast import distance as distance_bands
+from escn_train.models.fast.distance import DistanceBands
 from escn_train.models.smearing import GaussianSmearing
 
 CUTOFF = 6.0
@@ -36,7 +36,7 @@ def test_project_equals_the_dense_expansion_times_the_weight(dtype, num_edges):
     smearing = GaussianSmearing(0.0, CUTOFF, NUM_GAUSSIANS).to(dtype)
     dist = _distances(num_edges, seed=num_edges).to(dtype)
     weight, bias = _weights(dtype)
-    bands = smearing.bands(dist)
+    bands = DistanceBands.build(dist, smearing)
     if num_edges == 3000:
         assert bands.values.shape[0] > 1 and bands.values.shape[2] < NUM_GAUSSIANS  # several narrow chunks
     dense = smearing(dist)
@@ -53,7 +53,7 @@ def test_bands_hold_exactly_the_dense_no_grad_values(chunk_edges, monkeypatch):
     monkeypatch.setattr(distance_bands, "CHUNK_EDGES", chunk_edges)
     smearing = GaussianSmearing(0.0, CUTOFF, NUM_GAUSSIANS)
     dist = _distances(3000, seed=2).float()
-    bands = smearing.bands(dist)
+    bands = DistanceBands.build(dist, smearing)
     assert bands.values.shape[1] == chunk_edges
     expanded = bands.project(torch.eye(NUM_GAUSSIANS))
     dense = smearing(dist)
@@ -69,7 +69,7 @@ def test_project_gradients_equal_the_dense_ones():
     dist = _distances(500, seed=3)
     weight, bias = (t.requires_grad_() for t in _weights(torch.float64))
     grad_out = torch.randn(500, weight.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(4))
-    banded = torch.autograd.grad((smearing.bands(dist).project(weight, bias) * grad_out).sum(), (weight, bias))
+    banded = torch.autograd.grad((DistanceBands.build(dist, smearing).project(weight, bias) * grad_out).sum(), (weight, bias))
     dense = torch.autograd.grad(((smearing(dist) @ weight.T + bias) * grad_out).sum(), (weight, bias))
     for a, b in zip(banded, dense):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
@@ -92,6 +92,7 @@ def test_model_with_bands_equals_the_dense_path(dtype, monkeypatch):
         return original(distances, smearing)
 
     monkeypatch.setattr(DistanceBands, "build", staticmethod(counting_build))
+    max_neighbors = model.max_neighbors
 
     def run(distances: torch.Tensor) -> list[torch.Tensor]:
         model.zero_grad()
@@ -101,7 +102,8 @@ def test_model_with_bands_equals_the_dense_path(dtype, monkeypatch):
         return [x, energy, forces, model.layer_blocks[1].message_block.edge_block.fc1_dist.weight.grad]
 
     banded = run(dist)
-    slots = model.layer_blocks[0].message_block.geometry(model.wigner(frames), edges, z.shape[0]).num_slots
+    geometry = model.layer_blocks[0].message_block.geometry(model.wigner(frames), edges, z.shape[0], max_neighbors)
+    slots = geometry.num_slots
     assert built == [slots]  # one expansion of the target-slot layout's distances, for every layer
     dense = run(dist.clone().requires_grad_())
     assert built == [slots]

@@ -58,8 +58,8 @@ def test_exported_program_matches_eager_on_many_sizes(exported, tmp_path):
             for module in (program.module(), loaded):
                 e, f = module(*args)
                 assert e.shape == energy.shape and f.shape == forces.shape
-                # The program rotates edge by edge, eager runs per atom group (edge_groups):
-                # the same sums in another order, so float32 rounding of outputs that cancel.
+                # The same computation (the grid stage unblocked, plain-operation SO(2)
+                # stage): float32 rounding of outputs that cancel.
                 assert (e - energy).abs().max().item() <= 5e-5 * max(energy.abs().max().item(), 1e-6)
                 assert (f - forces).abs().max().item() <= 5e-5 * forces.abs().max().item()
     assert len(sizes_seen) == len(SIZES)

@@ -1,20 +1,14 @@
-"""Edges grouped by atom (escn_train.models.edge_groups) and the grouped SO(2) stage."""
+"""The static slot layout (escn_train.models.fast.slots) and the grouped SO(2) stage (fast.so2)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from escn_train.models import edge_groups
-from escn_train.models.edge_groups import EdgeGroups
-from escn_train.models.grouped_so2 import (
-    _GroupedSO2,
-    _forward,
-    build_geometry,
-    order_row_offsets,
-    order_rows_index,
-    so2_terms,
-)
+from escn_train.models.fast import geometry as fast_geometry
+from escn_train.models.fast.geometry import build_geometry, order_rows_index
+from escn_train.models.fast.slots import EdgeGroups
+from escn_train.models.fast.so2 import _GroupedSO2, _forward, order_row_offsets, so2_terms
 
 
 def _random_graph(num_atoms: int, num_edges: int, seed: int) -> torch.Tensor:
@@ -25,15 +19,21 @@ def _random_graph(num_atoms: int, num_edges: int, seed: int) -> torch.Tensor:
     return edges
 
 
-@pytest.mark.parametrize("sizes", [(16, 32), (3,)], ids=["default", "split"])
-def test_edge_groups_products_equal_per_edge_products(sizes, monkeypatch):
-    monkeypatch.setattr(edge_groups, "_CANDIDATE_SIZES", sizes)
+LAYOUTS = [(16, False), (3, False), (14, True)]
+
+
+@pytest.mark.parametrize("size,one_per_atom", LAYOUTS, ids=["groups-of-16", "groups-of-3", "one-per-atom"])
+def test_edge_groups_products_equal_per_edge_products(size, one_per_atom):
     num_atoms = 7  # atom 6 has no edge at all
     atom = _random_graph(6, 40, 0)[0]
-    groups = EdgeGroups.build(atom, num_atoms)
+    assert torch.bincount(atom).max() <= 14
+    groups = EdgeGroups.build(atom, num_atoms, size, one_per_atom)
     assert groups.slot.unique().numel() == atom.numel()  # every edge its own slot
     assert torch.equal(groups.group_atom[groups.slot // groups.size], atom)
-    assert groups.one_per_atom == (sizes != (3,))
+    # The number of groups follows from the counts alone.
+    assert groups.num_groups == (num_atoms if one_per_atom else num_atoms + -(-atom.numel() // size))
+    if not one_per_atom:
+        assert (groups.slot < groups.num_slots - size).all()  # the last group is always empty
 
     gen = torch.Generator().manual_seed(1)
     rows = torch.randn(atom.numel(), 2, 5, dtype=torch.float64, generator=gen)
@@ -41,7 +41,9 @@ def test_edge_groups_products_equal_per_edge_products(sizes, monkeypatch):
     padded = groups.pad(rows)
     products = groups.padded_products(padded, per_atom)
     torch.testing.assert_close(products[groups.slot], torch.bmm(rows, per_atom[atom]))
-    assert not products[groups.empty_slots].any()
+    empty = torch.ones(groups.num_slots, dtype=torch.bool)
+    empty[groups.slot] = False
+    assert empty.any() and not products[empty].any()
     assert torch.equal(groups.slot_edges()[groups.slot], torch.arange(atom.numel()))
 
     values = torch.randn(atom.numel(), 2, 3, dtype=torch.float64, generator=gen)
@@ -49,19 +51,17 @@ def test_edge_groups_products_equal_per_edge_products(sizes, monkeypatch):
     torch.testing.assert_close(groups.sum_padded(padded, groups.pad(values), num_atoms), expected)
 
 
-def test_edge_groups_choose_the_size_with_least_padding():
-    atom = torch.cat([torch.zeros(40, dtype=torch.long), torch.arange(1, 11)])  # one hub, ten leaves
-    groups = EdgeGroups.build(atom, 11)
-    assert groups.size * groups.num_groups < 40 * 11  # not padded to the hub's degree
-    assert not groups.one_per_atom
-    even = EdgeGroups.build(torch.arange(5).repeat_interleave(4), 5)
-    assert (even.size, even.num_groups, even.one_per_atom) == (4, 5, True)
+def test_one_group_per_atom_leaves_out_edges_beyond_its_size():
+    atom = torch.tensor([0, 1, 0, 0, 1, 0])
+    groups = EdgeGroups.build(atom, 2, 3, True)
+    assert groups.slot.tolist() == [0, 3, 1, 2, 4, 6]  # the fourth edge of atom 0 has no slot
+    assert groups.pad(torch.ones(6, 1, 1)).sum() == 5
 
 
-@pytest.mark.parametrize("sizes", [(16, 32), (2,)], ids=["default", "split"])
-def test_grouped_so2_backward_passes_gradcheck(sizes, monkeypatch):
+@pytest.mark.parametrize("group_size,max_neighbors", [(16, None), (2, None), (2, 12)], ids=["default", "split", "per-atom"])
+def test_grouped_so2_backward_passes_gradcheck(group_size, max_neighbors, monkeypatch):
     """The recomputing backward against finite differences (float64)."""
-    monkeypatch.setattr(edge_groups, "_CANDIDATE_SIZES", sizes)
+    monkeypatch.setattr(fast_geometry, "GROUP_SIZE", group_size)
     lmax, mmax, hidden, channels, edge_channels, atoms = 2, 1, 3, 2, 4, 4
     edges = _random_graph(atoms, 9, 2)
     gen = torch.Generator().manual_seed(3)
@@ -69,7 +69,8 @@ def test_grouped_so2_backward_passes_gradcheck(sizes, monkeypatch):
     wigner = torch.randn(edges.shape[1], size, size, dtype=torch.float64, generator=gen)
     index_shapes = order_rows_index(lmax, mmax)
     geometry = build_geometry(
-        wigner, edges, atoms, [i for i, _ in index_shapes], [s for _, s in index_shapes], torch.arange(size)
+        wigner, edges, atoms, [i for i, _ in index_shapes], [s for _, s in index_shapes], torch.arange(size),
+        max_neighbors,
     )
     terms = so2_terms(hidden, mmax)
 
@@ -88,7 +89,7 @@ def test_grouped_so2_backward_passes_gradcheck(sizes, monkeypatch):
     def grouped(*tensors):
         return _GroupedSO2.apply(geometry, terms, offsets, channels, *tensors)
 
-    assert torch.autograd.gradcheck(grouped, inputs)
+    assert torch.autograd.gradcheck(grouped, inputs, fast_mode=True)
     plain = _forward(geometry, terms, offsets, x_edge, gate_weight, gate_bias, tuple(projections), tuple(seconds), channels)
     with torch.no_grad():
         in_place = _forward(geometry, terms, offsets, x_edge, gate_weight, gate_bias, tuple(projections), tuple(seconds), channels)
@@ -125,11 +126,15 @@ def test_first_layer_skips_zero_orders_with_the_same_outputs_and_gradients():
 
 
 @pytest.mark.parametrize("lmax,mmax", [(1, 0), (3, 3), (6, 2)])
-def test_grouped_path_equals_the_per_edge_path_on_other_sizes(lmax, mmax, monkeypatch):
-    """Configurations without fixtures (mmax = 0, mmax = lmax, lmax 6): the grouped eager
-    path against the per-edge path that export/compile trace, in float64, with gradients."""
+@pytest.mark.parametrize("traced", [False, True], ids=["eager", "traced-form"])
+def test_fast_model_equals_the_reference_blocks_on_other_sizes(lmax, mmax, traced, monkeypatch):
+    """Configurations without fixtures (mmax = 0, mmax = lmax, lmax 6): the fast model (in
+    its eager form, and in the plain-operation form that export and compile trace) against
+    the same model whose message blocks run the readable reference composition
+    (MessageBlock.reference), in float64, with gradients."""
     from escn_train.graph import radius_graph_pbc
     from escn_train.models import escn
+    from escn_train.models.fast import grid, so2
 
     gen = torch.Generator().manual_seed(lmax * 10 + mmax)
     natoms = torch.tensor([5, 3])
@@ -152,13 +157,21 @@ def test_grouped_path_equals_the_per_edge_path_on_other_sizes(lmax, mmax, monkey
         (energy.sum() + forces.square().sum()).backward()
         return energy, forces, [p.grad.clone() for p in model.parameters() if p.requires_grad]
 
-    grouped = run()
-    monkeypatch.setattr(escn, "_tracing", lambda: True)
-    per_edge = run()
-    assert grouped[1].abs().max() > 1e-6  # not a trivially zero output
-    torch.testing.assert_close(grouped[0], per_edge[0], rtol=1e-10, atol=1e-14)
-    torch.testing.assert_close(grouped[1], per_edge[1], rtol=1e-10, atol=1e-14)
-    for a, b in zip(grouped[2], per_edge[2]):
+    if traced:
+        for module in (fast_geometry, so2, grid):
+            monkeypatch.setattr(module, "_tracing", lambda: True)
+    fast = run()
+    monkeypatch.undo()
+
+    def reference_message(self, x, atomic_numbers, edge_distance, edge_index, wigner, **_):
+        return self.reference(x, atomic_numbers, edge_distance, edge_index, wigner)
+
+    monkeypatch.setattr(escn.MessageBlock, "forward", reference_message)
+    reference = run()
+    assert fast[1].abs().max() > 1e-6  # not a trivially zero output
+    torch.testing.assert_close(fast[0], reference[0], rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(fast[1], reference[1], rtol=1e-10, atol=1e-14)
+    for a, b in zip(fast[2], reference[2]):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-12)
 
 

@@ -57,6 +57,33 @@ def test_non_finite_position_names_the_atom(value, device):
         build_model(NAME).to(device)(batch)
 
 
+def test_more_edges_per_target_than_max_neighbors_names_the_atom():
+    """Edge tensors hold max_neighbors slots per target atom: a denser graph is refused."""
+    model = build_model(NAME, export=True)
+    args = _args()
+    edge_index = args[4]
+    extra = (edge_index[1] == 3).nonzero().view(-1)[:5]
+    more = edge_index[:, extra].clone()
+    more[1] = 2  # atom 2 gets five more incoming edges
+    args[4] = torch.cat([edge_index, more], dim=1)
+    args[5] = torch.cat([args[5], args[5][extra]])
+    args[6] = torch.cat([args[6], args[6][extra]])
+    count = int((args[4][1] == 2).sum())
+    assert count > model.max_neighbors
+    with pytest.raises(ValueError, match=rf"atom 2 is the target of {count} edges, more than the model's max_neighbors=20"):
+        model(*args)
+
+
+def test_check_inputs_false_skips_the_eager_checks():
+    model = build_model(NAME, export=True, check_inputs=False)
+    assert model.check_inputs is False and "check_inputs" not in str(list(model.state_dict()))
+    args = _args()
+    args[0][11, 1] = float("nan")  # not refused: the caller has validated its inputs
+    args[5][3] = args[6][3, 0] = float("nan")
+    energy, forces = model(*args)
+    assert not torch.isfinite(forces).all()
+
+
 def test_checks_are_skipped_inside_an_exported_program():
     model = build_model(NAME, export=True)
     program = torch.export.export(model, tuple(_args()))
@@ -100,7 +127,7 @@ def test_structures_without_edges_get_zero_messages(device):
 
 
 def test_grid_silu_gradient_matches_autograd():
-    from escn_train.models.escn import grid_silu
+    from escn_train.models.fast.grid import grid_silu
 
     gen = torch.Generator().manual_seed(1)
     y = torch.randn(6, 7, 4, dtype=torch.float64, generator=gen, requires_grad=True)
@@ -117,7 +144,7 @@ def test_grid_silu_gradient_matches_autograd():
 
 
 def test_grid_silu_in_several_edge_blocks_is_bitwise_the_plain_expression(monkeypatch):
-    from escn_train.models import escn
+    from escn_train.models.fast import grid as escn
 
     monkeypatch.setattr(escn, "GRID_BLOCK_FLOATS", 3 * 18 * 4)  # blocks of 3 edges, the last one short
     gen = torch.Generator().manual_seed(2)
@@ -134,15 +161,14 @@ def test_grid_silu_in_several_edge_blocks_is_bitwise_the_plain_expression(monkey
         assert torch.equal(escn.grid_silu(y, to_grid, from_grid), plain)
 
 
-@pytest.mark.parametrize("group_sizes", [None, (3,)], ids=["one-group-per-atom", "split-groups"])
-def test_message_block_gradients_match_a_plain_composition_of_the_public_blocks(group_sizes, monkeypatch):
+@pytest.mark.parametrize("group_size,max_neighbors", [(16, 30), (3, None)], ids=["one-group-per-atom", "split-groups"])
+def test_message_block_gradients_match_a_plain_composition_of_the_public_blocks(group_size, max_neighbors, monkeypatch):
     """The fused message path (custom backward passes included) against the same message
     written with the public SO2Block.forward, index_add and an unblocked grid; also with
     atoms' edges split over several groups."""
-    from escn_train.models import edge_groups
+    from escn_train.models.fast import geometry as fast_geometry
 
-    if group_sizes is not None:
-        monkeypatch.setattr(edge_groups, "_CANDIDATE_SIZES", group_sizes)
+    monkeypatch.setattr(fast_geometry, "GROUP_SIZE", group_size)
     fixture = load_fixture("l4m2_sigmoid")
     model = build_model("l4m2_sigmoid").double()
     s, g = fixture["structures"], fixture["graph"]
@@ -165,13 +191,15 @@ def test_message_block_gradients_match_a_plain_composition_of_the_public_blocks(
 
     x.requires_grad_()
     params = [x] + [p for p in block.parameters() if p.requires_grad]
-    if group_sizes is not None:
-        assert not block.geometry(wigner, edges, x.shape[0]).groups[0].one_per_atom
-    fused = block(x, z, dist, edges, wigner)
+    geometry = block.geometry(wigner, edges, x.shape[0], max_neighbors)
+    assert geometry.groups[1].one_per_atom == (max_neighbors is not None)
+    assert geometry.groups[0].size == group_size
+    fused = block(x, z, dist, edges, wigner, geometry=geometry)
     fused_grads = torch.autograd.grad((fused * weights).sum(), params)
     reference = plain()
     reference_grads = torch.autograd.grad((reference * weights).sum(), params)
     torch.testing.assert_close(fused, reference, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(block.reference(x, z, dist, edges, wigner), reference, rtol=1e-12, atol=1e-14)
     for a, b in zip(fused_grads, reference_grads):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 

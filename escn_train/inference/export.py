@@ -49,9 +49,8 @@ from escn_train.inference.loading import (
 )
 
 #: Agreement with the eager model required after export, relative to the largest value.
-#: Exported programs rotate edge by edge where eager code works per atom group
-#: (``models/edge_groups.py``): the same sums in another order. Compiled code also reorders
-#: float32 sums. eSCN's outputs cancel heavily, which amplifies that round-off (~1e-5 of
+#: Exported programs run eager mode's computation (``models/fast/``) with the S2-grid stage
+#: unblocked, and compiled code reorders and fuses float32 sums. eSCN's outputs cancel heavily, which amplifies that round-off (~1e-5 of
 #: max |F| for small untrained models): the bounds guard against gross errors, the tests
 #: check the fixture-based bounds.
 TOLERANCE = {EXPORTED_PROGRAM: 1e-4, AOTI_PACKAGE: 1e-3}

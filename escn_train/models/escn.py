@@ -9,207 +9,25 @@ graph from a PyG batch first.
 
 from __future__ import annotations
 
-import math
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from e3nn import o3
 from torch import nn
 
 from escn_train.graph import edge_vectors, radius_graph_pbc
-from escn_train.models.distance_bands import DistanceBands
-from escn_train.models.edge_groups import EdgeGroups
-from escn_train.models.grouped_so2 import (
-    MessageGeometry,
-    Term,
-    TermParameters,
-    build_geometry,
-    first_layer_projections,
-    grouped_so2,
-    imaginary_rows,
-    order_row_offsets,
-    order_rows_index,
-    select_terms,
-    so2_stage,
-    so2_terms,
-    with_zero_gradients,
-)
-from escn_train.models.so3 import SO3_Grid, CoefficientMapping, WignerCalculator, coefficient_idx
-from escn_train.models.smearing import GaussianSmearing, make_distance_expansion
+from escn_train.models.fast import message as fast_message
+from escn_train.models.fast.distance import DistanceBands, expand_distances
+from escn_train.models.fast.geometry import MessageGeometry, _tracing
+from escn_train.models.inputs import check_graph_inputs, check_positions
+from escn_train.models.so3 import SO3_Grid, CoefficientMapping, WignerCalculator, coefficient_idx, edge_frames
+from escn_train.models.readout import EnergyBlock, ForceBlock, calc_sphere_points
+from escn_train.models.smearing import make_distance_expansion
 from escn_train.models.workspace import Workspace
 from escn_train.precision import autocast_off, float32
 
-#: Edges shorter than this (Å) have no direction: the frame and the physics break down.
-MIN_EDGE_LENGTH = 1e-4
-
 # Keys of the reference's derived constant buffers; rebuilt here from the configuration.
 _REFERENCE_CONSTANT_MARKERS = ("SO3_grid.", "mappingReduced.", "Jd_", "SO3_edge_rot.", ".mapping.")
-
-
-def _tracing() -> bool:
-    return torch.compiler.is_compiling() or torch.compiler.is_exporting()
-
-
-def _grouped(edge_index: torch.Tensor) -> bool:
-    """Whether message blocks take the grouped path (eager, at least one edge); otherwise
-    the per-edge one, whose static shapes export and compile trace."""
-    return not _tracing() and edge_index.shape[1] > 0
-
-
-#: Grid values per block of the S2-grid stage: 512 KB, so each block's grid stays in a
-#: core's L2 cache between the projection, the SiLU and the projection back (measured on
-#: the bench batch: 2^16..2^17 best, 2^20 ~10% slower on the tiny configuration).
-GRID_BLOCK_FLOATS = 2**17
-
-
-def _edge_block_size(to_grid: torch.Tensor, y: torch.Tensor, back: RotationBack | None) -> int:
-    """Edges per block for grid values of ``to_grid.shape[0]`` points x ``y.shape[2]`` channels
-    (whole groups of ``back`` when given)."""
-    step = max(1, GRID_BLOCK_FLOATS // max(1, to_grid.shape[0] * y.shape[2]))
-    return step if back is None else max(1, step // back.groups.size) * back.groups.size
-
-
-class RotationBack(NamedTuple):
-    """The rotation back of edge values in the target-slot layout, summed per target atom:
-    out[a] = Σ_{slots of a} rows_sᵀ @ values_s, with ``rows`` [groups, size * R, S] padded
-    to the target ``groups`` (:attr:`MessageGeometry.back_rows`)."""
-
-    rows: torch.Tensor
-    groups: EdgeGroups
-    num_atoms: int
-    workspace: Workspace | None = None  # lends backward its gradient buffer
-
-    def sum_block(self, values: torch.Tensor, start: int, out: torch.Tensor) -> None:
-        """Add the sums of the slots from ``start`` on (whole groups), ``values`` [slots, R, C],
-        to ``out`` ([groups, S, C] when each group is an atom, else [atoms, S, C])."""
-        size = self.groups.size
-        first, last = start // size, start // size + values.shape[0] // size
-        values = values.view(last - first, self.rows.shape[1], values.shape[2])
-        if self.groups.one_per_atom:
-            torch.bmm(self.rows[first:last].transpose(1, 2), values, out=out[first:last])
-        else:
-            out.index_add_(0, self.groups.group_atom[first:last], torch.bmm(self.rows[first:last].transpose(1, 2), values))
-
-    def block_gradient(self, grad_per_group: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        """The gradient of the slots start..stop (whole groups) given the per-group gradient
-        of the sums, [slots, R, C]."""
-        size = self.groups.size
-        grad = torch.bmm(self.rows[start // size : stop // size], grad_per_group[start // size : stop // size])
-        return grad.view(stop - start, self.rows.shape[1] // size, grad.shape[2])
-
-
-class _GridSiLU(torch.autograd.Function):
-    """from_grid @ SiLU(to_grid @ y), edge block by edge block, recomputed in backward;
-    with a :class:`RotationBack`, rotated back and summed per atom block by block too.
-
-    The grid values (E x points x C) are the largest activation of a message block. Here
-    they exist one cache-sized block of edges at a time (memory traffic is the cost of
-    this stage on CPUs), and backward recomputes them from ``y`` instead of storing them.
-    Rotating each block back while it is in cache spares the [E, coeffs, C] result and its
-    gradient. Results and gradients are bit for bit those of the unblocked expressions.
-    """
-
-    @staticmethod
-    def forward(
-        y: torch.Tensor, to_grid: torch.Tensor, from_grid: torch.Tensor, back: RotationBack | None = None
-    ) -> torch.Tensor:
-        if back is None:
-            out = y.new_empty(y.shape[0], from_grid.shape[0], y.shape[2])
-        elif back.groups.one_per_atom:
-            out = y.new_empty(back.num_atoms, back.rows.shape[2], y.shape[2])
-        else:
-            out = y.new_zeros(back.num_atoms, back.rows.shape[2], y.shape[2])
-        step = _edge_block_size(to_grid, y, back)
-        for start in range(0, y.shape[0], step):
-            grid = nn.functional.silu(torch.matmul(to_grid, y[start : start + step]), inplace=True)
-            if back is None:
-                torch.matmul(from_grid, grid, out=out[start : start + step])
-            else:
-                back.sum_block(torch.matmul(from_grid, grid), start, out)
-        return out
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
-        ctx.back = inputs[3] if len(inputs) > 3 else None
-        ctx.save_for_backward(*inputs[:3])
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
-        y, to_grid, from_grid = ctx.saved_tensors
-        back = ctx.back
-        if back is not None and back.workspace is not None:
-            # Consumed by the SO(2) stage's backward before any other layer's grid backward.
-            grad_y = back.workspace.get("grid_grad", y.shape, y)
-        else:
-            grad_y = torch.empty_like(y)
-        if back is not None:
-            grad = back.groups.per_group(grad)
-        step = _edge_block_size(to_grid, y, back)
-        for start in range(0, y.shape[0], step):
-            stop = min(start + step, y.shape[0])
-            grid = torch.matmul(to_grid, y[start:stop])
-            grad_out = grad[start:stop] if back is None else back.block_gradient(grad, start, stop)
-            # SiLU' is exactly 1 above 80 and below 1e-32 under -80; clamping keeps its
-            # exp() off the slow path that saturated grid values would take on CPUs.
-            grad_grid = torch.ops.aten.silu_backward(torch.matmul(from_grid.t(), grad_out), grid.clamp_(-80.0, 80.0))
-            torch.matmul(to_grid.t(), grad_grid, out=grad_y[start:stop])
-        return grad_y, None, None, None
-
-
-def grid_silu(
-    y: torch.Tensor, to_grid: torch.Tensor, from_grid: torch.Tensor, back: RotationBack | None = None
-) -> torch.Tensor:
-    """Pointwise SiLU on the S2 grid: from_grid @ SiLU(to_grid @ y) for y [E, coeffs, C]
-    (see :class:`_GridSiLU`); with ``back``, the per-atom sums of its rotation back,
-    [atoms, S, C] (y in the target-slot layout). Eager only."""
-    if torch.is_grad_enabled() and y.requires_grad:
-        return _GridSiLU.apply(y, to_grid, from_grid, back)
-    return _GridSiLU.forward(y, to_grid, from_grid, back)
-
-
-def calc_sphere_points(num_points: int) -> torch.Tensor:
-    """Golden-spiral points on the sphere, each scaled by its inverse local density."""
-    golden_ratio = (1.0 + math.sqrt(5.0)) / 2.0
-    i = torch.arange(num_points, dtype=torch.float64).view(-1, 1)
-    theta = 2.0 * math.pi * i / golden_ratio
-    phi = torch.arccos(1.0 - 2.0 * (i + 0.5) / num_points)
-    points = torch.cat([torch.cos(theta) * torch.sin(phi), torch.sin(theta) * torch.sin(phi), torch.cos(phi)], dim=1)
-    sq_dist = (points.view(1, -1, 3) - points.view(-1, 1, 3)).pow(2).sum(dim=2)
-    density = torch.exp(-sq_dist / 0.15).sum(dim=1)
-    scale = 1.0 / density
-    scale = num_points * scale / scale.sum()
-    return (points * scale.view(-1, 1)).to(torch.get_default_dtype())
-
-
-def edge_frames(edge_distance_vec: torch.Tensor, random_frames: bool = False) -> torch.Tensor:
-    """Per-edge rotations with rows (ẑ', x̂, -ŷ') that map the edge direction onto +y.
-
-    The helper vector u that fixes the rotation about the edge is, by default, the
-    coordinate axis least aligned with the edge: a fixed function of the direction, never
-    parallel to it, so identical inputs give bitwise identical outputs. ``random_frames``
-    draws u at random as the reference does.
-    """
-    length = torch.sqrt(torch.sum(edge_distance_vec**2, dim=1, keepdim=True))
-    norm_x = edge_distance_vec / length
-    if random_frames:
-        u = torch.rand_like(edge_distance_vec) - 0.5
-        u = u / torch.sqrt(torch.sum(u**2, dim=1, keepdim=True))
-        u_b = torch.stack([-u[:, 1], u[:, 0], u[:, 2]], dim=1)
-        u_c = torch.stack([u[:, 0], -u[:, 2], u[:, 1]], dim=1)
-        dot = torch.abs(torch.sum(u * norm_x, dim=1, keepdim=True))
-        dot_b = torch.abs(torch.sum(u_b * norm_x, dim=1, keepdim=True))
-        u = torch.where(dot > dot_b, u_b, u)
-        dot = torch.abs(torch.sum(u * norm_x, dim=1, keepdim=True))
-        dot_c = torch.abs(torch.sum(u_c * norm_x, dim=1, keepdim=True))
-        u = torch.where(dot > dot_c, u_c, u)
-    else:
-        axis = torch.argmin(norm_x.abs(), dim=1)
-        u = torch.nn.functional.one_hot(axis, 3).to(norm_x.dtype)
-    norm_z = torch.cross(norm_x, u, dim=1)
-    norm_z = norm_z / torch.sqrt(torch.sum(norm_z**2, dim=1, keepdim=True))
-    norm_y = torch.cross(norm_x, norm_z, dim=1)
-    norm_y = norm_y / torch.sqrt(torch.sum(norm_y**2, dim=1, keepdim=True))
-    return torch.stack([norm_z, norm_x, -norm_y], dim=1).detach()
 
 
 class eSCN(nn.Module):  # noqa: N801 - the reference's public name
@@ -217,7 +35,9 @@ class eSCN(nn.Module):  # noqa: N801 - the reference's public name
 
     Arguments and defaults are the reference's (see the API doc). Additions:
     ``random_frames`` restores the reference's random per-edge frames (off by default,
-    so outputs are deterministic).
+    so outputs are deterministic). ``check_inputs`` (default True) runs the eager input
+    checks of ``forward`` and ``forward_trainable``; they cost device-to-host
+    synchronisations, so callers that validated their data already turn them off.
 
     Calling the model runs ``forward_trainable(batch)`` unless ``export=True``, in which case
     it runs ``forward(pos, batch_idx, natoms, atomic_numbers, edge_index, edge_distance,
@@ -225,25 +45,11 @@ class eSCN(nn.Module):  # noqa: N801 - the reference's public name
     """
 
     def __init__(
-        self,
-        max_neighbors: int = 300,
-        cutoff: float = 8.0,
-        max_num_elements: int = 100,
-        num_layers: int = 8,
-        lmax: int = 4,
-        mmax: int = 2,
-        sphere_channels: int = 128,
-        hidden_channels: int = 256,
-        edge_channels: int = 128,
-        num_sphere_samples: int = 128,
-        distance_function: str = "gaussian",
-        basis_width_scalar: float = 1.0,
-        distance_resolution: float = 0.02,
-        resolution: int | None = None,
-        compile: bool = False,
-        export: bool = False,
-        rescale_grid: bool = False,
-        random_frames: bool = False,
+        self, max_neighbors: int = 300, cutoff: float = 8.0, max_num_elements: int = 100, num_layers: int = 8,
+        lmax: int = 4, mmax: int = 2, sphere_channels: int = 128, hidden_channels: int = 256, edge_channels: int = 128,
+        num_sphere_samples: int = 128, distance_function: str = "gaussian", basis_width_scalar: float = 1.0,
+        distance_resolution: float = 0.02, resolution: int | None = None, compile: bool = False, export: bool = False,
+        rescale_grid: bool = False, random_frames: bool = False, check_inputs: bool = True,
     ) -> None:
         super().__init__()
         if not 0 <= mmax <= lmax:
@@ -267,6 +73,7 @@ class eSCN(nn.Module):  # noqa: N801 - the reference's public name
         self.export = export
         self.rescale_grid = rescale_grid
         self.random_frames = random_frames
+        self.check_inputs = check_inputs
         self.act = nn.SiLU()
 
         self.sphere_embedding = nn.Embedding(max_num_elements, sphere_channels)
@@ -284,16 +91,8 @@ class eSCN(nn.Module):  # noqa: N801 - the reference's public name
         self.layer_blocks = nn.ModuleList(
             [
                 LayerBlock(
-                    i,
-                    sphere_channels,
-                    hidden_channels,
-                    edge_channels,
-                    lmax,
-                    mmax,
-                    self.distance_expansion,
-                    max_num_elements,
-                    self.SO3_grid,
-                    self.act,
+                    i, sphere_channels, hidden_channels, edge_channels, lmax, mmax, self.distance_expansion,
+                    max_num_elements, self.SO3_grid, self.act,
                 )
                 for i in range(num_layers)
             ]
@@ -339,8 +138,8 @@ class eSCN(nn.Module):  # noqa: N801 - the reference's public name
             pos.shape[0], dtype=torch.long, device=pos.device
         )
         atomic_numbers = data.atomic_numbers.to(torch.long)
-        if not _tracing():
-            _check_positions(pos)
+        if self.check_inputs and not _tracing():
+            check_positions(pos)
         if getattr(data, "edge_index", None) is not None and getattr(data, "cell_offsets", None) is not None:
             edge_index = data.edge_index
             edge_distance, edge_distance_vec = edge_vectors(pos, cell, batch_idx, edge_index, data.cell_offsets)
@@ -355,26 +154,22 @@ class eSCN(nn.Module):  # noqa: N801 - the reference's public name
         return {"energy": energy, "forces": forces}
 
     def forward(
-        self,
-        pos: torch.Tensor,
-        batch_idx: torch.Tensor,
-        natoms: torch.Tensor,
-        atomic_numbers: torch.Tensor,
-        edge_index: torch.Tensor,
-        edge_distance: torch.Tensor,
-        edge_distance_vec: torch.Tensor,
+        self, pos: torch.Tensor, batch_idx: torch.Tensor, natoms: torch.Tensor, atomic_numbers: torch.Tensor,
+        edge_index: torch.Tensor, edge_distance: torch.Tensor, edge_distance_vec: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Energies [B] and forces [N, 3] of a batch with a prepared graph.
 
-        In eager mode the inputs are checked first (atomic numbers in range, finite
-        positions, no zero-length edge); those checks are skipped while tracing for
-        ``torch.export`` or ``torch.compile``.
+        In eager mode with ``check_inputs`` the inputs are checked first (atomic numbers in
+        range, finite positions, no zero-length edge); those checks are skipped while
+        tracing for ``torch.export`` or ``torch.compile``.
         """
         if _tracing():
             return self._forward_impl(
                 pos, batch_idx, natoms, atomic_numbers, edge_index, edge_distance, edge_distance_vec
             )
-        self._check_inputs(pos, atomic_numbers, edge_index, edge_distance, edge_distance_vec)
+        if self.check_inputs:
+            check_graph_inputs(pos, atomic_numbers, edge_index, edge_distance, edge_distance_vec,
+                               self.max_num_elements, self.max_neighbors)
         impl = self._forward_impl
         if self.compile:
             if self._compiled_forward is None:
@@ -389,14 +184,8 @@ class eSCN(nn.Module):  # noqa: N801 - the reference's public name
         return impl(pos, batch_idx, natoms, atomic_numbers, edge_index, edge_distance, edge_distance_vec)
 
     def _forward_impl(
-        self,
-        pos: torch.Tensor,
-        batch_idx: torch.Tensor,
-        natoms: torch.Tensor,
-        atomic_numbers: torch.Tensor,
-        edge_index: torch.Tensor,
-        edge_distance: torch.Tensor,
-        edge_distance_vec: torch.Tensor,
+        self, pos: torch.Tensor, batch_idx: torch.Tensor, natoms: torch.Tensor, atomic_numbers: torch.Tensor,
+        edge_index: torch.Tensor, edge_distance: torch.Tensor, edge_distance_vec: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         edge_rot_mat = edge_frames(edge_distance_vec, self.random_frames)
         return self.forward_with_frames(
@@ -404,23 +193,15 @@ class eSCN(nn.Module):  # noqa: N801 - the reference's public name
         )
 
     def forward_with_frames(
-        self,
-        batch_idx: torch.Tensor,
-        natoms: torch.Tensor,
-        atomic_numbers: torch.Tensor,
-        edge_index: torch.Tensor,
-        edge_distance: torch.Tensor,
-        edge_rot_mat: torch.Tensor,
+        self, batch_idx: torch.Tensor, natoms: torch.Tensor, atomic_numbers: torch.Tensor, edge_index: torch.Tensor,
+        edge_distance: torch.Tensor, edge_rot_mat: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The network given explicit per-edge frames (for example the reference's)."""
         x = self.node_features(atomic_numbers, edge_index, edge_distance, edge_rot_mat)
         return self.readout(x, batch_idx, natoms.shape[0])
 
     def node_features(
-        self,
-        atomic_numbers: torch.Tensor,
-        edge_index: torch.Tensor,
-        edge_distance: torch.Tensor,
+        self, atomic_numbers: torch.Tensor, edge_index: torch.Tensor, edge_distance: torch.Tensor,
         edge_rot_mat: torch.Tensor,
     ) -> torch.Tensor:
         """Spherical node features after the last layer, [N, (lmax+1)^2, C]."""
@@ -428,24 +209,16 @@ class eSCN(nn.Module):  # noqa: N801 - the reference's public name
         wigner = self.wigner(edge_rot_mat)
         num_atoms = atomic_numbers.shape[0]
         x = torch.zeros(
-            num_atoms,
-            self.sph_feature_size,
-            self.sphere_channels,
-            dtype=self.sphere_embedding.weight.dtype,
+            num_atoms, self.sph_feature_size, self.sphere_channels, dtype=self.sphere_embedding.weight.dtype,
             device=atomic_numbers.device,
         )
         x[:, 0, :] = self.sphere_embedding(atomic_numbers)
-        geometry = None
-        if self.layer_blocks and _grouped(edge_index):
-            geometry = self.layer_blocks[0].message_block.geometry(wigner, edge_index, num_atoms, self.workspace)
-        # Shared by every layer; per target slot on the grouped path. Eager and without
-        # autograd through the distances, a Gaussian expansion keeps only its non-zero bands
-        # (export and compile keep static shapes).
-        distance = edge_distance if geometry is None else edge_distance[geometry.slot_edge]
-        if isinstance(self.distance_expansion, GaussianSmearing) and not (_tracing() or distance.requires_grad):
-            expanded_distance = self.distance_expansion.bands(distance)
-        else:
-            expanded_distance = self.distance_expansion(distance)
+        geometry = expanded_distance = None
+        if self.layer_blocks and edge_index.shape[1] > 0:
+            message_block = self.layer_blocks[0].message_block
+            geometry = message_block.geometry(wigner, edge_index, num_atoms, self.max_neighbors, self.workspace)
+            # Shared by every layer, per target slot.
+            expanded_distance = expand_distances(self.distance_expansion, edge_distance[geometry.slot_edge])
         for i, layer in enumerate(self.layer_blocks):
             update = layer(
                 x, atomic_numbers, edge_distance, edge_index, wigner, expanded_distance=expanded_distance,
@@ -470,43 +243,6 @@ class eSCN(nn.Module):  # noqa: N801 - the reference's public name
             energy = energy.index_add(0, batch_idx, node_energy) * 0.001
             forces = self.force_block(x_pt, self.sphere_points)
         return energy, forces
-
-    # ----------------------------------------------------------------------------------
-    # Input validation (eager only)
-    # ----------------------------------------------------------------------------------
-
-    def _check_inputs(
-        self,
-        pos: torch.Tensor,
-        atomic_numbers: torch.Tensor,
-        edge_index: torch.Tensor,
-        edge_distance: torch.Tensor,
-        edge_distance_vec: torch.Tensor,
-    ) -> None:
-        _check_positions(pos)
-        bad = (atomic_numbers < 0) | (atomic_numbers >= self.max_num_elements)
-        if bool(bad.any()):
-            atom = int(bad.nonzero()[0, 0])
-            raise ValueError(
-                f"atom {atom} has atomic number {int(atomic_numbers[atom])}, outside the model's "
-                f"range 0..{self.max_num_elements - 1} (max_num_elements={self.max_num_elements})"
-            )
-        length = torch.linalg.vector_norm(edge_distance_vec, dim=-1)
-        bad = ~torch.isfinite(length) | (length < MIN_EDGE_LENGTH) | ~torch.isfinite(edge_distance)
-        if bool(bad.any()):
-            edge = int(bad.nonzero()[0, 0])
-            raise ValueError(
-                f"edge {edge} (source atom {int(edge_index[0, edge])} -> target atom "
-                f"{int(edge_index[1, edge])}) has length {float(length[edge]):.3g} Å; edges must be "
-                f"finite and at least {MIN_EDGE_LENGTH} Å long (overlapping atoms?)"
-            )
-
-
-def _check_positions(pos: torch.Tensor) -> None:
-    bad = ~torch.isfinite(pos).all(dim=-1)
-    if bool(bad.any()):
-        atom = int(bad.nonzero()[0, 0])
-        raise ValueError(f"atom {atom} has a non-finite position {pos[atom].tolist()}")
 
 
 def _accept_reference_layout(
@@ -552,31 +288,17 @@ class LayerBlock(nn.Module):
         self.sphere_channels = sphere_channels
         self.SO3_grid = SO3_grid
         self.message_block = MessageBlock(
-            layer_idx,
-            sphere_channels,
-            hidden_channels,
-            edge_channels,
-            lmax,
-            mmax,
-            distance_expansion,
-            max_num_elements,
-            SO3_grid,
-            act,
+            layer_idx, sphere_channels, hidden_channels, edge_channels, lmax, mmax, distance_expansion,
+            max_num_elements, SO3_grid, act,
         )
         self.fc1_sphere = nn.Linear(2 * sphere_channels, sphere_channels, bias=False)
         self.fc2_sphere = nn.Linear(sphere_channels, sphere_channels, bias=False)
         self.fc3_sphere = nn.Linear(sphere_channels, sphere_channels, bias=False)
 
     def forward(
-        self,
-        x: torch.Tensor,
-        atomic_numbers: torch.Tensor,
-        edge_distance: torch.Tensor,
-        edge_index: torch.Tensor,
-        wigner: torch.Tensor,
-        expanded_distance: torch.Tensor | DistanceBands | None = None,
-        geometry: MessageGeometry | None = None,
-        degree_zero_input: bool = False,
+        self, x: torch.Tensor, atomic_numbers: torch.Tensor, edge_distance: torch.Tensor, edge_index: torch.Tensor,
+        wigner: torch.Tensor, expanded_distance: torch.Tensor | DistanceBands | None = None,
+        geometry: MessageGeometry | None = None, degree_zero_input: bool = False,
     ) -> torch.Tensor:
         """``expanded_distance``, ``geometry`` and ``degree_zero_input``: see
         :meth:`MessageBlock.forward`."""
@@ -625,146 +347,61 @@ class MessageBlock(nn.Module):
         self.so2_block_source = SO2Block(sphere_channels, hidden_channels, edge_channels, lmax, mmax, act)
         self.so2_block_target = SO2Block(sphere_channels, hidden_channels, edge_channels, lmax, mmax, act)
 
-        # Everything between the two rotations works in the m-major order of the reduced
-        # layout, so no permutation is ever applied: the rotation writes its rows in that
-        # order and the grid matrices read them in that order.
-        to_m = self.so2_block_source.mappingReduced.to_m_index
-        self.register_buffer("rotation_rows", self.out_mask[to_m], persistent=False)
-        grid = SO3_grid["lmax_mmax"]
-        self.register_buffer("grid_to", grid.to_grid_mat.flatten(0, 1)[:, to_m].contiguous(), persistent=False)
-        self.register_buffer("grid_from", grid.from_grid_mat.flatten(0, 1)[:, to_m].t().contiguous(), persistent=False)
-        self.m_size = list(self.so2_block_source.mappingReduced.m_size)
-        # Rows of order ±m of the Wigner matrices read by the grouped first layers.
-        self.order_rows_shape = []
-        for m, (index, shape) in enumerate(order_rows_index(lmax, mmax)):
-            self.register_buffer(f"order_rows_index_{m}", index, persistent=False)
-            self.order_rows_shape.append(shape)
-        self.terms = so2_terms(hidden_channels, mmax)
-        self.terms_degree_zero = select_terms(self.terms, orders=(0,))
-        self.row_offsets = order_row_offsets(lmax, mmax)
+        fast_message.add_constants(self)
 
     def forward(
-        self,
-        x: torch.Tensor,
-        atomic_numbers: torch.Tensor,
-        edge_distance: torch.Tensor,
-        edge_index: torch.Tensor,
-        wigner: torch.Tensor,
-        expanded_distance: torch.Tensor | DistanceBands | None = None,
-        geometry: MessageGeometry | None = None,
-        degree_zero_input: bool = False,
+        self, x: torch.Tensor, atomic_numbers: torch.Tensor, edge_distance: torch.Tensor, edge_index: torch.Tensor,
+        wigner: torch.Tensor, expanded_distance: torch.Tensor | DistanceBands | None = None,
+        geometry: MessageGeometry | None = None, degree_zero_input: bool = False,
     ) -> torch.Tensor:
-        """``geometry``: :meth:`geometry` of this graph when the caller already has it (it
-        is the same for every layer); ``expanded_distance``: the distance expansion of the
-        geometry's slots (``distance_expansion(edge_distance[geometry.slot_edge])``), or
-        of the edges when there is no geometry (tracing, no edges). ``degree_zero_input``:
-        the caller guarantees that only the l = 0 coefficients of ``x`` are non-zero (the
-        first layer's input, the atom embedding): rotated, they have no m > 0 part, so the
-        m > 0 convolutions give exact zeros and are skipped (their parameters get exact
-        zero gradients, as they would)."""
-        source, target = edge_index[0], edge_index[1]
-        if not _grouped(edge_index):
-            x_edge = self.edge_block(
-                edge_distance, atomic_numbers[source], atomic_numbers[target], expanded_distance=expanded_distance
-            )
-            return self._forward_per_edge(x, x_edge, edge_index, wigner)
+        """Messages summed per target atom, [N, (lmax+1)^2, C], by the fast formulation
+        (:mod:`escn_train.models.fast.message`).
+
+        ``geometry``: :meth:`geometry` of this graph when the caller already has it (it is
+        the same for every layer); ``expanded_distance``: the distance expansion of its
+        slots (``distance_expansion(edge_distance[geometry.slot_edge])``), computed here
+        when None. ``degree_zero_input``: the caller guarantees that only the l = 0
+        coefficients of ``x`` are non-zero (the first layer's input, the atom embedding):
+        rotated, they have no m > 0 part, so the m > 0 convolutions give exact zeros and
+        are skipped (their parameters get exact zero gradients, as they would)."""
+        if edge_index.shape[1] == 0:
+            return torch.zeros_like(x)
         if geometry is None:
             geometry = self.geometry(wigner, edge_index, x.shape[0])
             expanded_distance = None
-        slot_edge = geometry.slot_edge
-        x_edge = self.edge_block(
-            edge_distance[slot_edge], atomic_numbers[source[slot_edge]], atomic_numbers[target[slot_edge]],
-            expanded_distance=expanded_distance,
+        return fast_message.message(
+            self, x, atomic_numbers, edge_distance, edge_index, geometry, expanded_distance, degree_zero_input
         )
-        terms = self.terms_degree_zero if degree_zero_input else self.terms
-        params = [self._term_parameters(t) for t in terms]
-        projections = first_layer_projections(x, [p.first for p in params], [t.order for t in terms])
-        if degree_zero_input and torch.is_grad_enabled():
-            blocks = (self.so2_block_source, self.so2_block_target)
-            skipped = [p for block in blocks for conv in block.so2_conv for p in conv.parameters() if p.requires_grad]
-            projections[0] = with_zero_gradients(projections[0], skipped)
-        y = grouped_so2(
-            geometry, terms, self.row_offsets, self.sphere_channels, x_edge, torch.cat([p.gate_weight for p in params]),
-            torch.cat([p.gate_bias for p in params]), projections, [p.second for p in params],
-        )
-        with autocast_off(y):
-            back = RotationBack(geometry.back_rows, geometry.groups[1], x.shape[0], geometry.workspace)
-            return grid_silu(float32(y), self.grid_to, self.grid_from, back)
 
     def geometry(
-        self, wigner: torch.Tensor, edge_index: torch.Tensor, num_atoms: int, workspace: Workspace | None = None
+        self, wigner: torch.Tensor, edge_index: torch.Tensor, num_atoms: int, max_neighbors: int | None = None,
+        workspace: Workspace | None = None,
     ) -> MessageGeometry:
-        """The per-graph constants of the grouped computation (see :class:`MessageGeometry`)."""
-        return build_geometry(
-            wigner,
-            edge_index,
-            num_atoms,
-            [getattr(self, f"order_rows_index_{m}") for m in range(self.mmax + 1)],
-            self.order_rows_shape,
-            self.rotation_rows,
-            workspace,
-        )
+        """The per-graph constants of the fast computation (see :class:`MessageGeometry`);
+        ``max_neighbors``: the graph's bound on edges per target atom, if any."""
+        return fast_message.geometry(self, wigner, edge_index, num_atoms, max_neighbors, workspace)
 
-    def _term_parameters(self, term: Term) -> TermParameters:
-        """A term's weights; its gate rows are the real or imaginary half of an SO2Conv's fc1_dist."""
-        block = (self.so2_block_source, self.so2_block_target)[term.side]
-        if term.order == 0:
-            first, second, gate, rows = block.fc1_m0, block.fc2_m0, block.fc1_dist0, slice(None)
-        else:
-            conv = block.so2_conv[term.order - 1]
-            imaginary = term.rows_key == "swapped"
-            first, second = (conv.fc1_i, conv.fc2_i) if imaginary else (conv.fc1_r, conv.fc2_r)
-            gate, rows = conv.fc1_dist, slice(term.width, 2 * term.width) if imaginary else slice(0, term.width)
-        return TermParameters(
-            first.weight.view(first.weight.shape[0], self.lmax - term.order + 1, self.sphere_channels),
-            second.weight,
-            gate.weight[rows],
-            gate.bias[rows],
-        )
-
-    def _forward_per_edge(
-        self, x: torch.Tensor, x_edge: torch.Tensor, edge_index: torch.Tensor, wigner: torch.Tensor
+    def reference(
+        self, x: torch.Tensor, atomic_numbers: torch.Tensor, edge_distance: torch.Tensor, edge_index: torch.Tensor,
+        wigner: torch.Tensor,
     ) -> torch.Tensor:
-        """The same computation edge by edge (rotate each edge's features, then the first
-        layers as GEMMs over edges, every term computed): static shapes, used when tracing
-        for export/compile."""
+        """The readable composition of the blocks (ESCN_MATH section 6), edge by edge: the
+        test oracle of :meth:`forward`."""
         source, target = edge_index[0], edge_index[1]
-        rotation = wigner.index_select(1, self.rotation_rows)
-        row_sizes = [self.m_size[0]] + [2 * size for size in self.m_size[1:]]
-        with autocast_off(x):
-            rotated = [
-                torch.bmm(rotation, float32(x).index_select(0, index)).split(row_sizes, dim=1) for index in (source, target)
-            ]
-        params = [self._term_parameters(t) for t in self.terms]
-
-        def hidden(t: int) -> torch.Tensor:
-            term, first = self.terms[t], params[t].first.flatten(1)
-            rows = rotated[term.side][term.order].reshape(x_edge.shape[0], 1 if term.order == 0 else 2, first.shape[1])
-            if term.rows_key == "swapped":
-                rows = imaginary_rows(rows)
-            return torch.matmul(rows, first.t())
-
-        y = so2_stage(
-            self.terms, self.row_offsets, self.sphere_channels, x_edge, torch.cat([p.gate_weight for p in params]),
-            torch.cat([p.gate_bias for p in params]), hidden, [p.second for p in params], in_place=False,
-        )
-        with autocast_off(y):
-            y = torch.matmul(self.grid_from, nn.functional.silu(torch.matmul(self.grid_to, float32(y))))
-            y = torch.bmm(rotation.transpose(1, 2), y)
-        return y.new_zeros(x.shape[0], *y.shape[1:]).index_add(0, target, y)
+        x_edge = self.edge_block(edge_distance, atomic_numbers[source], atomic_numbers[target])
+        rows = wigner[:, self.out_mask, :]
+        y = self.so2_block_source(torch.bmm(rows, x[source]), x_edge)
+        y = y + self.so2_block_target(torch.bmm(rows, x[target]), x_edge)
+        grid = self.SO3_grid["lmax_mmax"]
+        y = grid.from_grid_flat(self.act(grid.to_grid_flat(y)))
+        return torch.zeros_like(x).index_add(0, target, torch.bmm(rows.transpose(1, 2), y))
 
 
 class SO2Block(nn.Module):
     """SO(2) convolutions of every order m of edge-aligned coefficients."""
 
     def __init__(
-        self,
-        sphere_channels: int,
-        hidden_channels: int,
-        edge_channels: int,
-        lmax: int,
-        mmax: int,
-        act: nn.Module,
+        self, sphere_channels: int, hidden_channels: int, edge_channels: int, lmax: int, mmax: int, act: nn.Module,
     ) -> None:
         super().__init__()
         self.sphere_channels = sphere_channels
@@ -803,13 +440,7 @@ class SO2Conv(nn.Module):
     """SO(2) convolution of order m > 0: a complex-valued linear map gated by the edge."""
 
     def __init__(
-        self,
-        m: int,
-        sphere_channels: int,
-        hidden_channels: int,
-        edge_channels: int,
-        lmax: int,
-        mmax: int,
+        self, m: int, sphere_channels: int, hidden_channels: int, edge_channels: int, lmax: int, mmax: int,
         act: nn.Module,
     ) -> None:
         super().__init__()
@@ -850,10 +481,7 @@ class EdgeBlock(nn.Module):
         self.fc1_edge_attr = nn.Linear(edge_channels, edge_channels)
 
     def forward(
-        self,
-        edge_distance: torch.Tensor,
-        source_element: torch.Tensor,
-        target_element: torch.Tensor,
+        self, edge_distance: torch.Tensor, source_element: torch.Tensor, target_element: torch.Tensor,
         expanded_distance: torch.Tensor | DistanceBands | None = None,
     ) -> torch.Tensor:
         """``expanded_distance``: the distance expansion, dense [E, num_gaussians] or as
@@ -870,36 +498,3 @@ class EdgeBlock(nn.Module):
         target = self.target_embedding.weight.index_select(0, target_element)
         x_edge = self.act(source + target + x_dist)
         return self.act(self.fc1_edge_attr(x_edge))
-
-
-class _SphereReadout(nn.Module):
-    """An MLP applied at every sample point on the sphere."""
-
-    def __init__(self, num_channels: int, num_sphere_samples: int, act: nn.Module) -> None:
-        super().__init__()
-        self.num_channels = num_channels
-        self.num_sphere_samples = num_sphere_samples
-        self.act = act
-        self.fc1 = nn.Linear(num_channels, num_channels)
-        self.fc2 = nn.Linear(num_channels, num_channels)
-        self.fc3 = nn.Linear(num_channels, 1, bias=False)
-
-    def _per_point(self, x_pt: torch.Tensor) -> torch.Tensor:
-        """[N, P, C] or [N * P, C] -> [N, P, 1]."""
-        x_pt = x_pt.reshape(-1, self.num_sphere_samples, self.num_channels)
-        return self.fc3(self.act(self.fc2(self.act(self.fc1(x_pt)))))
-
-
-class EnergyBlock(_SphereReadout):
-    """Per-atom energy: the readout averaged over the sphere samples."""
-
-    def forward(self, x_pt: torch.Tensor) -> torch.Tensor:
-        return self._per_point(x_pt).sum(dim=1).view(-1) / self.num_sphere_samples
-
-
-class ForceBlock(_SphereReadout):
-    """Per-atom force: the sample points weighted by the readout, averaged."""
-
-    def forward(self, x_pt: torch.Tensor, sphere_points: torch.Tensor) -> torch.Tensor:
-        weighted = self._per_point(x_pt) * sphere_points.view(1, self.num_sphere_samples, 3)
-        return weighted.sum(dim=1) / self.num_sphere_samples

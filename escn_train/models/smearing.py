@@ -7,8 +7,6 @@ import math
 import torch
 from torch import nn
 
-from escn_train.models.distance_bands import DistanceBands
-
 
 #: exp(-87) ≈ 1.6e-38 is still a normal float32; exp of anything lower is subnormal or 0.
 _SMALLEST_NORMAL_EXPONENT = -87.0
@@ -60,11 +58,6 @@ class GaussianSmearing(_FixedBasis):
         columns = first.view(-1, 1) + torch.arange(band, device=dist.device)
         values = self.centre_values(dist.view(-1, 1), columns)
         return values.new_zeros(values.shape[0], self.num_output).scatter_(1, columns, values)
-
-    def bands(self, dist: torch.Tensor) -> DistanceBands:
-        """forward(dist) without autograd through ``dist``, as :class:`DistanceBands`: the
-        non-zero bands only, for a cheaper linear projection."""
-        return DistanceBands.build(dist, self)
 
     def nearest_centre(self, dist: torch.Tensor) -> torch.Tensor:
         """Index of the centre nearest to each distance (outside [start, stop]: beyond the ends)."""

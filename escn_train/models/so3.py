@@ -146,8 +146,40 @@ class SO3_Grid(nn.Module):  # noqa: N801 - the reference's public name
 
 
 # ---------------------------------------------------------------------------------------
-# Wigner matrices
+# Edge frames and Wigner matrices
 # ---------------------------------------------------------------------------------------
+
+
+def edge_frames(edge_distance_vec: torch.Tensor, random_frames: bool = False) -> torch.Tensor:
+    """Per-edge rotations with rows (ẑ', x̂, -ŷ') that map the edge direction onto +y.
+
+    The helper vector u that fixes the rotation about the edge is, by default, the
+    coordinate axis least aligned with the edge: a fixed function of the direction, never
+    parallel to it, so identical inputs give bitwise identical outputs. ``random_frames``
+    draws u at random as the reference does.
+    """
+    length = torch.sqrt(torch.sum(edge_distance_vec**2, dim=1, keepdim=True))
+    norm_x = edge_distance_vec / length
+    if random_frames:
+        u = torch.rand_like(edge_distance_vec) - 0.5
+        u = u / torch.sqrt(torch.sum(u**2, dim=1, keepdim=True))
+        u_b = torch.stack([-u[:, 1], u[:, 0], u[:, 2]], dim=1)
+        u_c = torch.stack([u[:, 0], -u[:, 2], u[:, 1]], dim=1)
+        dot = torch.abs(torch.sum(u * norm_x, dim=1, keepdim=True))
+        dot_b = torch.abs(torch.sum(u_b * norm_x, dim=1, keepdim=True))
+        u = torch.where(dot > dot_b, u_b, u)
+        dot = torch.abs(torch.sum(u * norm_x, dim=1, keepdim=True))
+        dot_c = torch.abs(torch.sum(u_c * norm_x, dim=1, keepdim=True))
+        u = torch.where(dot > dot_c, u_c, u)
+    else:
+        axis = torch.argmin(norm_x.abs(), dim=1)
+        # A comparison, not one_hot (which reads the indices' range back to the host).
+        u = (axis.unsqueeze(1) == torch.arange(3, device=axis.device)).to(norm_x.dtype)
+    norm_z = torch.cross(norm_x, u, dim=1)
+    norm_z = norm_z / torch.sqrt(torch.sum(norm_z**2, dim=1, keepdim=True))
+    norm_y = torch.cross(norm_x, norm_z, dim=1)
+    norm_y = norm_y / torch.sqrt(torch.sum(norm_y**2, dim=1, keepdim=True))
+    return torch.stack([norm_z, norm_x, -norm_y], dim=1).detach()
 
 
 def wigner_j_matrices(lmax: int) -> list[torch.Tensor]:

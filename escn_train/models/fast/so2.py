@@ -4,7 +4,7 @@ A message block's SO(2) stage, for the source and the target block, is: rotate t
 features into the edge frame, first layer (a linear map per order m), gate by the edge,
 second layer, sum the two blocks. Rotation and first layer are both linear, on different
 axes, so the first layer runs once per atom (:func:`first_layer_projections`) and only a
-contraction with the edge's Wigner rows remains per edge (:mod:`.edge_groups`).
+contraction with the edge's Wigner rows remains per edge (:mod:`.slots`).
 
 The stage is a list of *terms*, each a (block, order m, part) triple: m = 0 has one part;
 m > 0 has a real and an imaginary part. A term's output is
@@ -15,29 +15,27 @@ summed over the terms of each order. The imaginary part enters the output rows s
 and negated, (+m, -m) <- (-i[-m], +i[+m]); that is folded into its Wigner rows, so every
 term is a plain sum.
 
-Edge-sized tensors live in the *target-slot layout*: one row per slot of the edges grouped
-by target atom (:class:`MessageGeometry`), zero in the empty slots. The grid stage and the
-rotation back then read their input as it is, and the target block's products need no
-reordering.
+Edge-sized tensors live in the target-slot layout (:mod:`.geometry`).
 
-In training, :class:`_GroupedSO2` keeps only the edge features and the per-atom projections
+In eager training, :class:`_GroupedSO2` keeps only the edge features and the per-atom projections
 for backward and recomputes the gates and the first-layer outputs there (a small GEMM and
 the grouped products), instead of storing several [E, hidden] tensors per term. Those
 intermediates, in forward and backward, are buffers kept between calls
-(:mod:`.workspace`): fresh ones would cost a page fault per 4 KB.
+(:mod:`escn_train.models.workspace`): fresh ones would cost a page fault per 4 KB. Traced
+code (``torch.export``, ``torch.compile``) runs the same expressions as plain differentiable
+operations, and AOTAutograd derives their backward.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
-from escn_train.models.edge_groups import EdgeGroups
-from escn_train.models.workspace import Workspace
+from escn_train.models.fast.geometry import MessageGeometry, _tracing
 from escn_train.precision import autocast_off, float32
 
 
@@ -66,122 +64,6 @@ class TermParameters(NamedTuple):
     second: torch.Tensor
     gate_weight: torch.Tensor
     gate_bias: torch.Tensor
-
-
-@dataclass
-class MessageGeometry:
-    """Per-graph constants shared by every message block of a forward pass.
-
-    ``groups``: the edges grouped by source and by target atom. The target groups' slots
-    are the rows of every edge-sized tensor: ``slot_edge`` is the edge in each slot (edge 0
-    in empty slots), ``source_slot`` the source-group slot of that edge (0 for empty
-    slots) and ``target_slot`` the target slot of each source slot's edge (0 for empty
-    slots). ``rows[side][key][m]``: each order's Wigner rows (of order m, or ±m, restricted
-    to degrees l >= m) padded to that side's groups; ``back_rows``: the reduced rotation
-    padded to the target groups (rotation back and sum over each target atom's edges).
-    Without autograd, the layers take their large edge-sized buffers from ``workspace``
-    through :meth:`scratch` (see :mod:`.workspace`)."""
-
-    groups: tuple[EdgeGroups, EdgeGroups]
-    slot_edge: torch.Tensor
-    source_slot: torch.Tensor
-    target_slot: torch.Tensor
-    rows: tuple[dict[str, list[torch.Tensor]], dict[str, list[torch.Tensor]]]
-    back_rows: torch.Tensor
-    workspace: Workspace
-
-    def scratch(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-        """The workspace's buffer ``name``, for values no autograd graph keeps (it is valid
-        until the next request for that name)."""
-        return self.workspace.get(name, shape, like)
-
-    def hidden(self, side: int, rows: torch.Tensor, per_atom: torch.Tensor, reuse: bool = False) -> torch.Tensor:
-        """rows_e @ per_atom[atom of e on ``side``] in the target-slot layout, [slots, r, W]
-        (with ``reuse``, in workspace buffers)."""
-        groups = self.groups[side]
-        out = None
-        if reuse:
-            shape = (groups.num_slots, rows.shape[1] // groups.size, per_atom.shape[-1])
-            out = self.scratch(f"hidden{side}", shape, per_atom)
-        padded = groups.padded_products(rows, per_atom, out)
-        if side == 1:
-            return padded
-        if reuse:
-            out = self.scratch("hidden", (self.num_slots, *padded.shape[1:]), per_atom)
-            hidden = torch.index_select(padded, 0, self.source_slot, out=out)
-        else:
-            hidden = padded.index_select(0, self.source_slot)
-        return hidden.index_fill_(0, self.groups[1].empty_slots, 0)
-
-    @property
-    def num_slots(self) -> int:
-        return self.groups[1].num_slots
-
-    def sum_to_atoms(
-        self, side: int, rows: torch.Tensor, values: torch.Tensor, num_atoms: int, reuse: bool = False
-    ) -> torch.Tensor:
-        """Σ over each atom's edges (on ``side``) of rows_eᵀ @ values[slot of e], values in
-        the target-slot layout -> [atoms, K, W] (with ``reuse``, reordered in a workspace
-        buffer)."""
-        groups = self.groups[side]
-        if side == 0:
-            if reuse:
-                out = self.scratch("source_values", (groups.num_slots, *values.shape[1:]), values)
-                values = torch.index_select(values, 0, self.target_slot, out=out)
-            else:
-                values = values.index_select(0, self.target_slot)
-            values.index_fill_(0, groups.empty_slots, 0)
-        return groups.sum_padded(rows, values, num_atoms)
-
-
-def order_rows_index(lmax: int, mmax: int) -> list[tuple[torch.Tensor, tuple[int, int]]]:
-    """Flat indices into a [(lmax+1)^2, (lmax+1)^2] Wigner matrix, per order m, of rows ±m
-    on the columns of degree l >= m (each column read in its own degree block), with their
-    shape: m = 0 -> (1, K_0), m > 0 -> (2, K_m) rows (+m, -m), K_m = (lmax+1)^2 - m^2."""
-    size = (lmax + 1) ** 2
-    degree = [l for l in range(lmax + 1) for _ in range(2 * l + 1)]
-    out = []
-    for m in range(mmax + 1):
-        signs = (0,) if m == 0 else (1, -1)
-        columns = range(m * m, size)
-        index = [(degree[k] ** 2 + degree[k] + s * m) * size + k for s in signs for k in columns]
-        out.append((torch.tensor(index, dtype=torch.long), (len(signs), len(columns))))
-    return out
-
-
-def build_geometry(
-    wigner: torch.Tensor,
-    edge_index: torch.Tensor,
-    num_atoms: int,
-    rows_index: list[torch.Tensor],
-    rows_shape: list[tuple[int, int]],
-    rotation_rows: torch.Tensor,
-    workspace: Workspace | None = None,
-) -> MessageGeometry:
-    """:class:`MessageGeometry` of a graph (at least one edge) from its Wigner matrices [E, S, S]
-    (``workspace``: the model's kept buffers; a fresh one when None)."""
-    groups = (EdgeGroups.build(edge_index[0], num_atoms), EdgeGroups.build(edge_index[1], num_atoms))
-    slot_edge = groups[1].slot_edges()
-    source_slot = groups[0].slot.new_zeros(groups[1].num_slots).index_copy_(0, groups[1].slot, groups[0].slot)
-    target_slot = groups[1].slot.new_zeros(groups[0].num_slots).index_copy_(0, groups[0].slot, groups[1].slot)
-    flat = wigner.flatten(1)
-    per_order = [flat.index_select(1, index).view(-1, *shape) for index, shape in zip(rows_index, rows_shape)]
-    swapped = [None] + [imaginary_rows(r) for r in per_order[1:]]
-    rows = tuple(
-        {
-            "plain": [g.pad(r) for r in per_order],
-            "swapped": [None] + [g.pad(r) for r in swapped[1:]],
-        }
-        for g in groups
-    )
-    back_rows = groups[1].pad(wigner.index_select(1, rotation_rows))
-    return MessageGeometry(groups, slot_edge, source_slot, target_slot, rows, back_rows, Workspace() if workspace is None else workspace)
-
-
-def imaginary_rows(rows: torch.Tensor) -> torch.Tensor:
-    """[E, 2, ...] rows (+m, -m) -> (-rows[-m], +rows[+m]): how an imaginary part enters the
-    output rows of its order."""
-    return torch.stack([-rows[:, 1], rows[:, 0]], dim=1)
 
 
 def so2_terms(hidden_channels: int, mmax: int) -> list[Term]:
@@ -276,8 +158,7 @@ def so2_stage(
     in_place: bool, out: torch.Tensor | None = None, gate_buffer: Callable[[int], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Gate each term's first-layer output ``hidden(t)`` ([E, rows, H]) by the edge, apply its
-    second layer and sum per order -> [E, R, C] (m-major rows). Shared by the grouped path
-    and the per-edge one that export/compile trace.
+    second layer and sum per order -> [E, R, C] (m-major rows).
 
     ``in_place`` (no autograd, no autocast): every product writes into its rows of one
     output buffer (``out`` when given); otherwise plain expressions.
@@ -326,7 +207,7 @@ def _forward(
     """:func:`so2_stage` with the first-layer outputs as grouped products of the per-atom
     projections. Without autograd, the intermediates are workspace buffers, and with
     ``reuse_output`` the output too (it is then valid until the next layer's)."""
-    in_place = not torch.is_grad_enabled() and not torch.is_autocast_enabled(x_edge.device.type)
+    in_place = not (torch.is_grad_enabled() or torch.is_autocast_enabled(x_edge.device.type) or _tracing())
 
     def hidden(t: int) -> torch.Tensor:
         term = terms[t]
@@ -438,10 +319,10 @@ def grouped_so2(
 
     ``offsets``: :func:`order_row_offsets`; ``projections``: :func:`first_layer_projections`;
     ``second_weights[t]``: [K_m, H]. Eager full-precision training uses the recomputing
-    autograd function; otherwise (inference, mixed precision) the same expressions run
-    under autograd as they are.
+    autograd function; otherwise (inference, mixed precision, tracing) the same
+    expressions run under autograd as they are.
     """
-    recompute = torch.is_grad_enabled() and not torch.is_autocast_enabled(x_edge.device.type)
+    recompute = torch.is_grad_enabled() and not (torch.is_autocast_enabled(x_edge.device.type) or _tracing())
     if recompute:
         return _GroupedSO2.apply(
             geometry, terms, offsets, channels, x_edge, gate_weight, gate_bias, *projections, *second_weights

@@ -14,24 +14,33 @@ value of theirs, so the projection is one batched product
 Chunks do not simply take consecutive edges in distance order: where distances are sparse
 (the few shortest bonds), such a chunk spans many centres, and a window common to all
 chunks would be that wide (about 120 of 300 centres on the bench batch instead of 38).
+Every shape follows from the number of distances: nothing is read back from the device.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
-if TYPE_CHECKING:
-    from escn_train.models.smearing import GaussianSmearing
+from escn_train.models.smearing import GaussianSmearing
 
-#: Edges per chunk at most, and centres per block (each block's window adds the band's
-#: reach on both sides). Smaller values narrow the windows but pad more rows. Measured on
-#: the bench batch (7,328 edges, 300 centres, 32 channels): 32..128 edges and 4..8 centres
-#: within ~5% of each other; 256 edges or 16 centres ~5-15% slower.
-CHUNK_EDGES = 64
+#: Edges per chunk, and centres per block (each block's window adds the band's reach on
+#: both sides). Smaller values narrow the windows but pad more rows. Measured on the bench
+#: batch (7,328 edges, 300 centres, 32 channels): 32..128 edges and 4..8 centres within ~5%
+#: of each other; 256 edges or 16 centres ~5-15% slower. The chunk count is the static
+#: bound blocks + ceil(E / CHUNK_EDGES), so small chunks also keep the spare ones cheap.
+CHUNK_EDGES = 32
 CENTRES_PER_BLOCK = 8
+
+
+def expand_distances(expansion: nn.Module, dist: torch.Tensor) -> torch.Tensor | DistanceBands:
+    """``expansion(dist)``: for a Gaussian basis without autograd through the distances, as
+    :class:`DistanceBands` (the non-zero bands only, for a cheaper linear projection)."""
+    if isinstance(expansion, GaussianSmearing) and not dist.requires_grad:
+        return DistanceBands.build(dist, expansion)
+    return expansion(dist)
 
 
 @dataclass(frozen=True)
@@ -56,28 +65,32 @@ class DistanceBands:
         width = min(CENTRES_PER_BLOCK + 2 * smearing.band_half_width, num_centres)
         nearest = smearing.nearest_centre(dist).clamp_(0, num_centres - 1)
         block = torch.div(nearest, CENTRES_PER_BLOCK, rounding_mode="floor")
-        counts = torch.bincount(block, minlength=(num_centres - 1) // CENTRES_PER_BLOCK + 1)
-        chunk_edges = min(CHUNK_EDGES, max(int(counts.max()), 1))
+        num_blocks = (num_centres - 1) // CENTRES_PER_BLOCK + 1
+        chunk_edges = CHUNK_EDGES
+        counts = torch.zeros(num_blocks, dtype=block.dtype, device=dist.device).index_add_(0, block, torch.ones_like(block))
         chunks_per_block = torch.div(counts + chunk_edges - 1, chunk_edges, rounding_mode="floor")
-        num_chunks = int(chunks_per_block.sum())
+        # Enough chunks for any distribution of the distances over the blocks.
+        num_chunks = num_blocks + (dist.shape[0] + chunk_edges - 1) // chunk_edges
 
         # The edges in block order; the i-th of them goes to row i + shift[its block], the
         # rows of a block starting at a fresh chunk.
         order = torch.argsort(block)
-        first_row = (torch.cumsum(chunks_per_block, 0) - chunks_per_block) * chunk_edges
+        last_chunk = torch.cumsum(chunks_per_block, 0)
+        first_row = (last_chunk - chunks_per_block) * chunk_edges
         first_edge = torch.cumsum(counts, 0) - counts
         shift = first_row - first_edge
-        row = torch.empty_like(order)
-        row[order] = torch.arange(dist.shape[0], device=dist.device) + shift[block[order]]
-
-        chunk_block = torch.repeat_interleave(
-            torch.arange(counts.shape[0], device=dist.device), chunks_per_block, output_size=num_chunks
+        sorted_block = block.index_select(0, order)
+        row = torch.empty_like(order).index_copy_(
+            0, order, torch.arange(dist.shape[0], device=dist.device) + shift.index_select(0, sorted_block)
         )
+        chunks = torch.arange(num_chunks, device=dist.device)
+        chunk_block = torch.searchsorted(last_chunk, chunks, right=True).clamp_(max=num_blocks - 1)
         first = (chunk_block * CENTRES_PER_BLOCK - smearing.band_half_width).clamp_(0, num_centres - width)
         columns = first.view(-1, 1) + torch.arange(width, device=dist.device)
         # Rows without an edge hold an infinite distance, whose Gaussians are exactly 0.
-        padded = dist.new_full((num_chunks * chunk_edges,), float("inf")).index_copy_(0, row, dist)
-        values = smearing.centre_values(padded.view(num_chunks, chunk_edges, 1), columns.view(num_chunks, 1, width))
+        padded = dist.new_full((num_chunks, chunk_edges, 1), float("inf"))
+        padded.view(-1).index_copy_(0, row, dist)
+        values = smearing.centre_values(padded, columns.unsqueeze(1))
         return DistanceBands(values, columns, row)
 
     def project(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -85,9 +98,9 @@ class DistanceBands:
         differentiable with respect to both."""
         num_chunks, width = self.columns.shape
         out_features = weight.shape[0]
-        window = weight.t().contiguous().index_select(0, self.columns.view(-1)).view(num_chunks, width, out_features)
+        window = weight.t()[self.columns]  # [chunks, width, out]
         if bias is None:
             out = torch.bmm(self.values, window)
         else:
             out = torch.baddbmm(bias.view(1, 1, -1), self.values, window)
-        return out.view(-1, out_features).index_select(0, self.row)
+        return out.flatten(0, 1).index_select(0, self.row)

@@ -1,0 +1,89 @@
+"""Time one eSCN form on the bench batch: eager, torch.export (.pt2), AOTInductor or
+compile=True, inference or a training step, in a fresh process per call.
+
+Reports wall-clock and process CPU time (time.process_time) per call after warm-up, and,
+for compiled forms, the first call's (compile) time. Run the forms interleaved, in fresh
+processes, to compare them on a shared machine:
+
+    python bench/bench_forms.py --config tiny --form export --mode infer --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+from bench_model import CONFIGS, DEFAULT_BATCH, FORWARD_KEYS  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="tiny", choices=sorted(CONFIGS))
+    parser.add_argument("--form", default="eager", choices=["eager", "export", "aoti", "compile"])
+    parser.add_argument("--mode", default="infer", choices=["infer", "train"])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--batch", default=str(DEFAULT_BATCH))
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from escn_train.models.escn import eSCN
+
+    torch.set_num_threads(args.threads)
+    batch = torch.load(args.batch, weights_only=True)
+    inputs = tuple(batch[k] for k in FORWARD_KEYS)
+    torch.manual_seed(0)
+    import inspect
+
+    options = {"check_inputs": False} if "check_inputs" in inspect.signature(eSCN).parameters else {}
+    model = eSCN(export=True, compile=args.form == "compile", **options, **CONFIGS[args.config])
+    start = time.perf_counter()
+    if args.form in ("export", "aoti"):
+        from escn_train.inference.export import dynamic_shapes
+
+        with torch.no_grad():
+            program = torch.export.export(model, inputs, dynamic_shapes=dynamic_shapes())
+        call = program.module()
+        if args.form == "aoti":
+            with tempfile.TemporaryDirectory() as tmp:
+                path = torch._inductor.aoti_compile_and_package(program, package_path=f"{tmp}/m.pt2")
+                call = torch._inductor.aoti_load_package(path)
+    else:
+        call = model
+    optimizer = torch.optim.AdamW(model.parameters(), 1e-4)
+
+    def run() -> None:
+        if args.mode == "infer":
+            with torch.no_grad():
+                call(*inputs)
+            return
+        energy, forces = call(*inputs)
+        loss = energy.abs().mean() + forces.norm(dim=-1).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    run()
+    first = time.perf_counter() - start
+    run()
+    wall, cpu = [], []
+    for _ in range(args.steps):
+        t, c = time.perf_counter(), time.process_time()
+        run()
+        wall.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
+    print(json.dumps({**vars(args), "first_call_s": first, "wall_s": sorted(wall), "cpu_s": sorted(cpu),
+                      "median_wall_s": sorted(wall)[len(wall) // 2], "median_cpu_s": sorted(cpu)[len(cpu) // 2]}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,119 @@
+"""Device-to-host synchronisations of the model, counted with a TorchDispatchMode.
+
+A sync is any op whose result the host must read back: a scalar read (``.item()``,
+``bool(t)``, ``.tolist()`` -> ``aten._local_scalar_dense``), an output whose *shape*
+depends on the data (``nonzero``, boolean-mask indexing, ``masked_select``, ``unique``,
+``bincount``, ``repeat_interleave`` without ``output_size``), or a host-side comparison
+(``equal``, ``is_nonzero``). On a GPU each one stalls the device; ``torch.compile`` cannot
+capture across them.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from reference_fixtures import build_model, fixture_batch, load_fixture
+from torch.utils._python_dispatch import TorchDispatchMode
+
+aten = torch.ops.aten
+
+#: Ops that always read data back to the host.
+_SYNC_OPS = {
+    aten._local_scalar_dense.default,
+    aten.item.default,
+    aten.nonzero.default,
+    aten.nonzero_static.default,
+    aten.masked_select.default,
+    aten.equal.default,
+    aten.is_nonzero.default,
+    aten.allclose.default,
+    aten.bincount.default,
+    aten._unique2.default,
+    aten.unique_dim.default,
+    aten.unique_consecutive.default,
+    aten._assert_async.default,
+}
+
+
+class SyncCounter(TorchDispatchMode):
+    """Records every op that synchronises device and host (see the module docstring)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.syncs: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        if func in _SYNC_OPS or self._data_dependent(func, args, kwargs):
+            self.syncs.append(str(func))
+        return func(*args, **kwargs)
+
+    @staticmethod
+    def _data_dependent(func, args, kwargs) -> bool:  # noqa: ANN001
+        packet = func.overloadpacket
+        if packet in (aten.index, aten.index_put, aten.index_put_, aten._index_put_impl_):
+            indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
+            return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices)
+        if packet is aten.repeat_interleave:
+            return kwargs.get("output_size") is None and not (len(args) > 3 and args[3] is not None)
+        return False
+
+
+def _forward_args(name: str) -> tuple[torch.Tensor, ...]:
+    fixture = load_fixture(name)
+    s, g = fixture["structures"], fixture["graph"]
+    return (s["pos"], s["batch"], s["natoms"], s["atomic_numbers"], g["edge_index"], g["edge_distance"],
+            g["edge_distance_vec"])
+
+
+def _loss(energy: torch.Tensor, forces: torch.Tensor) -> torch.Tensor:
+    return energy.abs().mean() + forces.abs().mean()
+
+
+def test_the_counter_sees_the_syncs_it_is_meant_to_see():
+    x = torch.tensor([0.0, 1.0, 2.0])
+    with SyncCounter() as counter:
+        x.sum().item()
+        x[x > 0]
+        x.nonzero()
+        torch.bincount(torch.tensor([1, 2]))
+        bool(x.any())
+    assert len(counter.syncs) == 5, counter.syncs
+
+
+@pytest.mark.parametrize("name", ["tiny_l2m1", "l4m2_sigmoid", "l6m3_linsig_rescale"])
+def test_forward_and_backward_make_no_host_sync_without_input_checks(name):
+    model = build_model(name, export=True, check_inputs=False).train()
+    args = _forward_args(name)
+    with SyncCounter() as counter:
+        _loss(*model(*args)).backward()  # training
+        with torch.no_grad():
+            model(*args)  # inference
+    assert counter.syncs == []
+
+
+def test_with_input_checks_the_model_does_sync():
+    """The checks read their verdict back (that is their cost, and why they can be off)."""
+    args = _forward_args("tiny_l2m1")
+    with SyncCounter() as counter:
+        build_model("tiny_l2m1", export=True)(*args)
+    assert counter.syncs
+
+
+def test_forward_trainable_syncs_do_not_grow_with_layers_or_batch():
+    """Given a graph (edge_index + cell_offsets), forward_trainable adds none of its own."""
+    counts = []
+    for layers, structures in ((1, [0]), (2, [0, 1, 2, 3])):
+        config = dict(load_fixture("tiny_l2m1")["config"], num_layers=layers, check_inputs=False)
+        from escn_train.graph import radius_graph_pbc
+        from escn_train.models.escn import eSCN
+
+        model = eSCN(**config)
+        batch = fixture_batch("tiny_l2m1", structures)
+        graph = radius_graph_pbc(batch.pos, batch.cell, batch.natoms, config["cutoff"], config["max_neighbors"])
+        batch.edge_index, batch.cell_offsets = graph.edge_index, graph.cell_offsets
+        with SyncCounter() as counter:
+            out = model(batch)
+            _loss(out["energy"], out["forces"]).backward()
+        counts.append(len(counter.syncs))
+    assert counts == [0, 0]
