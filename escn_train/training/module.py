@@ -30,7 +30,8 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric
 
-from escn_train.models.escn import MIN_EDGE_LENGTH, eSCN
+from escn_train.models.escn import eSCN
+from escn_train.models.inputs import MIN_EDGE_LENGTH
 from escn_train.models.potential import ESCNPotential
 from escn_train.training.ema import ExponentialMovingAverage
 from escn_train.training.losses import EnergyForceLoss
@@ -216,8 +217,17 @@ class PotentialModule(L.LightningModule):
 
         That is finite positions, atomic numbers the model can embed and no (near) zero-length
         edge: ``check_samples`` on, an element range within the model's and an overlap distance.
+        Graphs from the files (``use_precomputed_edges``) or built in the loader with more
+        neighbours than the model keeps may exceed its ``max_neighbors`` slots, which only the
+        eager check reports, so the checks stay on for them.
         """
         if not getattr(datamodule, "check_samples", False):
+            return False
+        selection = getattr(datamodule, "graph_selection", None)
+        if selection is not None and (
+            selection.use_precomputed_edges
+            or (selection.max_neighbors is not None and selection.max_neighbors > self.potential.model.max_neighbors)
+        ):
             return False
         max_elements = getattr(datamodule, "max_num_elements", None)
         min_distance = getattr(datamodule, "min_distance", None)
