@@ -128,9 +128,11 @@ def neighbor_pairs(
     over all periodic images (``pbc`` [B, 3] per direction), atom indices counted over
     the whole batch, in no particular order; an atom is never paired with itself at
     ``S = 0``. Cost O(N) per structure. The loop runs over structures (one vesin call each);
-    inputs on a GPU are copied to the host once.
+    inputs on a GPU are copied to the host once. Raises ``ValueError`` for non-finite
+    positions and for singular periodic cells.
     """
     pos_h = pos.detach().to("cpu", torch.float64)
+    _check_periodic_vectors(cell.detach().to("cpu", torch.float64).reshape(-1, 3, 3), pbc.detach().cpu().reshape(-1, 3))
     if not bool(torch.isfinite(pos_h).all()):
         raise ValueError("atom positions hold NaN or infinite values; cannot search for neighbours")
     cell_h = cell.detach().to("cpu", torch.float64).reshape(-1, 3, 3).numpy()
