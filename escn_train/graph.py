@@ -74,14 +74,12 @@ def _images_per_structure(cell: torch.Tensor, cutoff: float, pbc: torch.Tensor) 
     """Images allowed along each cell vector: ceil(cutoff * |b_k|), 0 where not periodic.
 
     This bound (the reference's) decides which periodic images can give edges, so it is part
-    of the graph's definition, not only of the search. Raises ``ValueError`` when the
-    periodic cell vectors of a structure are zero or linearly dependent.
+    of the graph's definition, not only of the search.
     """
     # Rows of inv(cell)^T are the reciprocal vectors b_k with a_k . b_k = 1. Molecules and
     # slabs may come with zero vectors along non-periodic directions: there the
     # pseudo-inverse gives the in-plane reciprocal vectors, and those directions get 0 images.
     cell64 = cell.to(torch.float64)
-    _check_periodic_vectors(cell64, pbc)
     singular = torch.linalg.det(cell64).abs() < 1e-9
     safe = torch.where(singular[:, None, None], torch.eye(3, dtype=torch.float64, device=cell.device), cell64)
     reciprocal = torch.where(
@@ -123,8 +121,9 @@ def neighbor_pairs(
 ) -> tuple[torch.Tensor, ...]:
     """Every pair closer than ``cutoff``, from vesin's cell list, on the host.
 
-    Returns CPU tensors ``(target i [P] int64, source j [P] int64, shift S [P, 3] int32)`` (and the float64
-    distance [P] when ``with_distances``) with ``|pos[j] + S @ cell - pos[i]| <= cutoff``
+    Returns CPU tensors ``(target i [P] int64, source j [P] int64, shift S [P, 3] int32)``
+    (and the float64 distance [P] when ``with_distances``) with
+    ``|pos[j] + S @ cell - pos[i]| <= cutoff``
     over all periodic images (``pbc`` [B, 3] per direction), atom indices counted over
     the whole batch, in no particular order; an atom is never paired with itself at
     ``S = 0``. Cost O(N) per structure. The loop runs over structures (one vesin call each);
@@ -132,11 +131,12 @@ def neighbor_pairs(
     positions and for singular periodic cells.
     """
     pos_h = pos.detach().to("cpu", torch.float64)
-    _check_periodic_vectors(cell.detach().to("cpu", torch.float64).reshape(-1, 3, 3), pbc.detach().cpu().reshape(-1, 3))
+    cell_h = cell.detach().to("cpu", torch.float64).reshape(-1, 3, 3)
+    pbc_h = pbc.detach().to("cpu", torch.bool).reshape(-1, 3).expand(cell_h.shape[0], 3)
+    _check_periodic_vectors(cell_h, pbc_h)
     if not bool(torch.isfinite(pos_h).all()):
         raise ValueError("atom positions hold NaN or infinite values; cannot search for neighbours")
-    cell_h = cell.detach().to("cpu", torch.float64).reshape(-1, 3, 3).numpy()
-    pbc_h = pbc.detach().to("cpu", torch.bool).reshape(-1, 3).numpy()
+    cell_h, pbc_h = cell_h.numpy(), pbc_h.numpy()
     counts = natoms.detach().to("cpu", torch.long).tolist()
     search = vesin.NeighborList(cutoff=float(cutoff), full_list=True, n_threads=torch.get_num_threads())
     quantities = "ijSd" if with_distances else "ijS"
