@@ -7,6 +7,7 @@ rattled supercell of the primitive fcc cell (60° between cell vectors). Sizes a
 approximate (whole unit cells).
 
     python bench/bench_graph.py graph --sizes 100 316 1000 3162 10000 31623 100000 --kinds bulk slab skewed
+    python bench/bench_graph.py graph --sizes 864 2048 --oracle      # the all-pairs builder it replaced
     python bench/bench_graph.py model --model escn_tiny --sizes 100 1000 10000 100000
     python bench/bench_graph.py model --model escn_l4_m2 --sizes 100 1000 10000 --repeats 1
 
@@ -86,7 +87,11 @@ def child(spec: dict) -> dict:
     import torch
 
     torch.set_num_threads(spec["threads"])
-    from escn_train.graph import radius_graph_pbc
+    if spec.get("oracle"):  # the all-pairs builder that radius_graph_pbc replaced (tests/graph_oracle.py)
+        sys.path.insert(0, str(ROOT / "tests"))
+        from graph_oracle import radius_graph_pbc_all_pairs as radius_graph_pbc
+    else:
+        from escn_train.graph import radius_graph_pbc
 
     atoms = make_structure(spec["kind"], spec["size"])
     small = make_structure(spec["kind"], 100, seed=1)
@@ -153,6 +158,7 @@ def main(argv: list[str] | None = None) -> None:
                         "frees each layer's edge tensors before the next, so peak memory is one layer's)")
     parser.add_argument("--cutoff", type=float, default=6.0, help="graph mode")
     parser.add_argument("--max-neighbors", type=int, default=50, help="graph mode")
+    parser.add_argument("--oracle", action="store_true", help="graph mode: time the all-pairs test oracle instead")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, help="also write the rows here")
@@ -175,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
         for size in args.sizes:
             spec = {"mode": args.mode, "kind": kind, "size": size, "repeats": args.repeats, "threads": args.threads,
                     "cutoff": args.cutoff, "max_neighbors": args.max_neighbors, "model": args.model,
-                    "num_layers": args.num_layers}
+                    "num_layers": args.num_layers, "oracle": args.oracle}
             done = subprocess.run([sys.executable, __file__, "_child", json.dumps(spec)], env=env,
                                   capture_output=True, text=True)
             if done.returncode != 0:
