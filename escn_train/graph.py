@@ -2,9 +2,13 @@
 
 Conventions (ESCN_MATH section 1): ``edge_index[0]`` is the source (neighbour j),
 ``edge_index[1]`` the target (centre i), targets sorted ascending;
-``edge_distance_vec = pos[j] + cell_offsets @ cell - pos[i]``. Every step is a batched
-tensor operation, so the same code runs on CPU and GPU without Python loops over atoms
-or edges.
+``edge_distance_vec = pos[j] + cell_offsets @ cell - pos[i]``.
+
+The neighbour search is vesin's cell list (O(N) per structure; a loop over structures, never
+over atoms). Everything after it -- exact squared distances, the cutoff and image bounds, the
+order of edges and the nearest-neighbour selection -- is batched tensor code on the
+positions' device. ``tests/graph_oracle.py`` holds the all-pairs definition these graphs
+equal edge for edge.
 """
 
 from __future__ import annotations
@@ -13,7 +17,9 @@ import functools
 from collections.abc import Callable
 from typing import NamedTuple, TypeVar
 
+import numpy as np
 import torch
+import vesin
 
 from escn_train.precision import autocast_off
 
@@ -65,7 +71,11 @@ def edge_vectors(
 
 
 def _images_per_structure(cell: torch.Tensor, cutoff: float, pbc: torch.Tensor) -> torch.Tensor:
-    """Images needed along each cell vector: ceil(cutoff * |b_k|), 0 where not periodic."""
+    """Images allowed along each cell vector: ceil(cutoff * |b_k|), 0 where not periodic.
+
+    This bound (the reference's) decides which periodic images can give edges, so it is part
+    of the graph's definition, not only of the search.
+    """
     # Rows of inv(cell)^T are the reciprocal vectors b_k with a_k . b_k = 1. Molecules and
     # slabs may come with zero vectors along non-periodic directions: there the
     # pseudo-inverse gives the in-plane reciprocal vectors, and those directions get 0 images.
@@ -75,10 +85,87 @@ def _images_per_structure(cell: torch.Tensor, cutoff: float, pbc: torch.Tensor) 
     reciprocal = torch.where(
         singular[:, None, None], torch.linalg.pinv(cell64), torch.linalg.inv(safe)
     ).transpose(1, 2)
-    if bool((singular & pbc.all(dim=-1)).any()):
-        raise ValueError("a structure periodic in all three directions has a singular cell")
     reps = torch.ceil(cutoff * reciprocal.norm(dim=-1)).long()
     return torch.where(pbc, reps, torch.zeros_like(reps))
+
+
+def _check_periodic_vectors(cell64: torch.Tensor, pbc: torch.Tensor) -> None:
+    """Raise ``ValueError`` naming the structure when its periodic cell vectors span less
+    than their own number of dimensions (a zero vector, or two parallel ones)."""
+    length = cell64.norm(dim=-1)  # [B, 3]
+    unit = cell64 / length.clamp_min(1e-300).unsqueeze(-1)
+    # Gram matrix of the periodic unit vectors, with 1 on the diagonal for the others: its
+    # determinant is the squared volume spanned by the periodic directions (1 = orthogonal).
+    mask = pbc.to(torch.float64)
+    gram = (unit @ unit.transpose(1, 2)) * mask[:, :, None] * mask[:, None, :]
+    gram = gram + torch.diag_embed(1.0 - mask)
+    bad = (pbc & (length < 1e-9)).any(dim=-1) | (torch.linalg.det(gram) < 1e-12)
+    if bool(bad.any()):
+        b = int(bad.nonzero()[0, 0])
+        directions = "".join("xyz"[k] for k in range(3) if bool(pbc[b, k])) or "none"
+        vectors = [[round(float(v), 6) for v in row] for row in cell64[b]]
+        raise ValueError(
+            f"structure {b} has a singular cell {vectors} but is periodic along {directions} "
+            "(pbc); give independent, non-zero cell vectors for its periodic directions or "
+            "set pbc False along the others"
+        )
+
+
+def neighbor_pairs(
+    pos: torch.Tensor,
+    cell: torch.Tensor,
+    natoms: torch.Tensor,
+    cutoff: float,
+    pbc: torch.Tensor,
+    with_distances: bool = False,
+) -> tuple[torch.Tensor, ...]:
+    """Every pair closer than ``cutoff``, from vesin's cell list, on the host.
+
+    Returns CPU tensors ``(target i [P] int64, source j [P] int64, shift S [P, 3] int32)``
+    (and the float64 distance [P] when ``with_distances``) with
+    ``|pos[j] + S @ cell - pos[i]| <= cutoff``
+    over all periodic images (``pbc`` [B, 3] per direction), atom indices counted over
+    the whole batch, in no particular order; an atom is never paired with itself at
+    ``S = 0``. Cost O(N) per structure. The loop runs over structures (one vesin call each);
+    inputs on a GPU are copied to the host once. Raises ``ValueError`` for non-finite
+    positions and for singular periodic cells.
+    """
+    pos_h = pos.detach().to("cpu", torch.float64)
+    cell_h = cell.detach().to("cpu", torch.float64).reshape(-1, 3, 3)
+    pbc_h = pbc.detach().to("cpu", torch.bool).reshape(-1, 3).expand(cell_h.shape[0], 3)
+    _check_periodic_vectors(cell_h, pbc_h)
+    if not bool(torch.isfinite(pos_h).all()):
+        raise ValueError("atom positions hold NaN or infinite values; cannot search for neighbours")
+    cell_h, pbc_h = cell_h.numpy(), pbc_h.numpy()
+    counts = natoms.detach().to("cpu", torch.long).tolist()
+    search = vesin.NeighborList(cutoff=float(cutoff), full_list=True, n_threads=torch.get_num_threads())
+    quantities = "ijSd" if with_distances else "ijS"
+    parts: list[list[np.ndarray]] = []
+    start = 0
+    points_all = pos_h.numpy()
+    for b, n in enumerate(counts):
+        if n:
+            found = search.compute(points_all[start : start + n], cell_h[b], pbc_h[b], quantities, copy=False)
+            i, j = found[0].astype(np.int64), found[1].astype(np.int64)  # copies, out of vesin's buffers
+            i += start
+            j += start
+            parts.append([i, j, *(f.copy() for f in found[2:])])
+        start += n
+    if not parts:
+        empty = [np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 3), np.int32), np.zeros(0)]
+        parts = [empty[: len(quantities)]]
+    columns = [np.concatenate(col) if len(parts) > 1 else col[0] for col in zip(*parts)]
+    result = tuple(torch.from_numpy(c) for c in columns[:3])
+    return result + (torch.from_numpy(columns[3]),) if with_distances else result
+
+
+def _search_margin(pos: torch.Tensor, cell: torch.Tensor, reps: torch.Tensor, cutoff: float) -> float:
+    """Extra radius (Å) for the search so that its float64 test (distance <= cutoff + margin)
+    keeps every pair the float32/float64 test in :func:`radius_graph_pbc` may accept: the
+    rounding of |pos_i - (pos_j + shift)| is a few ulps of the coordinates' magnitude."""
+    extent = float(pos.abs().max()) if pos.numel() else 0.0
+    reach = float((cell.detach().to(torch.float64).norm(dim=-1) * reps).sum(dim=-1).max()) if reps.numel() else 0.0
+    return 1e-5 * (1.0 + extent + reach + cutoff)
 
 
 @_without_autocast
@@ -100,56 +187,81 @@ def radius_graph_pbc(
         max_neighbors: keep only this many nearest neighbours per target (strict).
         pbc: [B, 3] or [3] booleans; default periodic in all three directions.
 
-    Candidate pairs are every (i, j, image) with 1e-4 Å^2 < |d|^2 <= cutoff^2, so an atom
-    meets its own periodic images but never itself.
+    Candidate pairs are every (i, j, image) with 1e-4 Å^2 < |d|^2 <= cutoff^2 and at most
+    ceil(cutoff * |b_k|) images along each periodic cell vector a_k, so an atom meets its
+    own periodic images but never itself. The search is vesin's cell list (O(N), on the
+    host: CUDA inputs cost one copy of the positions to the host and one of the candidate
+    pairs back); the squared distances, the cutoff test and the choice of neighbours are
+    then computed on ``pos``'s device in the same arithmetic as the all-pairs definition
+    (``tests/graph_oracle.py``), so the edges, their order (targets ascending, then source,
+    then image) and the neighbours kept at exact distance ties are the same.
+
+    Raises ``ValueError`` when a structure's periodic cell vectors are zero or dependent.
     """
     device = pos.device
-    natoms = natoms.to(device=device, dtype=torch.long)
     num_structures = natoms.numel()
+    natoms = natoms.to(dtype=torch.long)
     cell = cell.view(num_structures, 3, 3).to(pos.dtype)
     if pbc is None:
         pbc = torch.ones(num_structures, 3, dtype=torch.bool, device=device)
     else:
-        pbc = pbc.to(device=device, dtype=torch.bool).reshape(-1, 3).expand(num_structures, 3)
+        pbc = pbc.to(dtype=torch.bool).reshape(-1, 3).expand(num_structures, 3)
 
-    # All ordered atom pairs within each structure, as flat indices.
-    start = torch.cumsum(natoms, 0) - natoms
-    pairs_per_structure = natoms * natoms
-    pair_structure = torch.repeat_interleave(torch.arange(num_structures, device=device), pairs_per_structure)
-    pair_start = torch.cumsum(pairs_per_structure, 0) - pairs_per_structure
-    local = torch.arange(int(pairs_per_structure.sum()), device=device) - pair_start[pair_structure]
-    n_of_pair = natoms[pair_structure]
-    target = start[pair_structure] + torch.div(local, n_of_pair, rounding_mode="floor")
-    source = start[pair_structure] + local % n_of_pair
+    pos_h, cell_h, pbc_h = pos.detach().to("cpu", torch.float64), cell.detach().cpu(), pbc.cpu()
+    reps_h = _images_per_structure(cell_h, cutoff, pbc_h)  # [B, 3] on the host
+    margin = _search_margin(pos_h, cell_h, reps_h, cutoff)
+    pairs = neighbor_pairs(pos_h, cell_h, natoms, cutoff + margin, pbc_h)
+    target, source, offsets = (t.to(device, non_blocking=True) for t in pairs)
 
-    # One image grid for the batch; each structure keeps only its own range.
-    reps = _images_per_structure(cell, cutoff, pbc).to(device)
-    max_reps = reps.max(dim=0).values.tolist()
+    # The shift table of the all-pairs definition (one image grid for the batch), so every
+    # candidate's squared distance is rounded exactly as there; exact ties depend on it.
+    max_reps = reps_h.max(dim=0).values.tolist() if num_structures else [0, 0, 0]
     axes = [torch.arange(-r, r + 1, device=device) for r in max_reps]
-    images = torch.cartesian_prod(*axes).view(-1, 3)  # [I, 3]
-    allowed = (images.abs().unsqueeze(0) <= reps.unsqueeze(1)).all(dim=-1)  # [B, I]
+    images = torch.cartesian_prod(*axes).view(-1, 3)  # [I, 3], last axis fastest
+    shifts = torch.matmul(images.to(pos.dtype), cell.detach())  # [B, I, 3]
+    width = torch.tensor([2 * r + 1 for r in max_reps], device=device)
 
-    # Rounding matters for exact ties (an atom's own images at one lattice distance), so
-    # distances are formed in the reference's order: |pos_i - (pos_j + shift)|^2.
-    shifts = torch.matmul(images.to(pos.dtype), cell)  # [B, I, 3]
-    shifted_source = pos[source].unsqueeze(1) + shifts[pair_structure]  # [P, I, 3]
-    diff = pos[target].unsqueeze(1) - shifted_source
+    atom_structure = torch.repeat_interleave(torch.arange(num_structures, device=device), natoms.to(device))
+    structure = atom_structure.index_select(0, target)
+    inside = (offsets.abs() <= reps_h.to(device).index_select(0, structure)).all(dim=-1)
+    grid = (offsets + width // 2).clamp(min=torch.zeros_like(width), max=width - 1)
+    image = (grid[:, 0] * width[1] + grid[:, 1]) * width[2] + grid[:, 2]
+    del grid
+    plain = pos.detach()
+    shift = shifts.view(-1, 3).index_select(0, structure * images.shape[0] + image)
+    diff = plain.index_select(0, target) - (plain.index_select(0, source) + shift)
+    del shift, structure
     dist_sq = (diff * diff).sum(dim=-1)
-    keep = (dist_sq <= cutoff * cutoff) & (dist_sq > SELF_DISTANCE_SQ) & allowed[pair_structure]
-    pair_idx, image_idx = keep.nonzero(as_tuple=True)
+    del diff
+    keep = (dist_sq <= cutoff * cutoff) & (dist_sq > SELF_DISTANCE_SQ) & inside
+    chosen = keep.nonzero(as_tuple=True)[0]
+    del keep, inside
+    target, source, image, dist_sq, offsets = (
+        t.index_select(0, chosen) for t in (target, source, image, dist_sq, offsets)
+    )
+    order = _edge_order(target, source, image, pos.shape[0], images.shape[0])
+    target, source, dist_sq, offsets = (t.index_select(0, order) for t in (target, source, dist_sq, offsets))
+    del order, image
 
-    edge_dist_sq = dist_sq[pair_idx, image_idx]
-    edge_target = target[pair_idx]
-
-    keep_idx = _nearest_neighbors(edge_target, edge_dist_sq, natoms, max_neighbors)
-
-    pair_idx, image_idx = pair_idx[keep_idx], image_idx[keep_idx]
-    edge_index = torch.stack([source[pair_idx], target[pair_idx]])
-    cell_offsets = images[image_idx]
-    atom_structure = torch.repeat_interleave(torch.arange(num_structures, device=device), natoms)
+    kept = _nearest_neighbors(target, dist_sq, natoms.to(device), max_neighbors)
+    edge_index = torch.stack([source.index_select(0, kept), target.index_select(0, kept)])
+    cell_offsets = offsets.index_select(0, kept).long()
+    del target, source, dist_sq, offsets
     edge_distance, edge_vec = edge_vectors(pos, cell, atom_structure, edge_index, cell_offsets)
-    neighbors = torch.bincount(atom_structure[edge_index[1]], minlength=num_structures)
+    neighbors = torch.bincount(atom_structure.index_select(0, edge_index[1]), minlength=num_structures)
     return PeriodicGraph(edge_index, cell_offsets, edge_distance, edge_vec, neighbors)
+
+
+def _edge_order(
+    target: torch.Tensor, source: torch.Tensor, image: torch.Tensor, num_atoms: int, num_images: int
+) -> torch.Tensor:
+    """Permutation sorting candidates by (target, source, image index): the order in which
+    the all-pairs definition enumerates them, which the tie-break below depends on."""
+    pair = target * num_atoms + source
+    if num_atoms * num_atoms * num_images < 2**62:
+        return torch.sort(pair * num_images + image).indices
+    by_image = torch.sort(image, stable=True).indices
+    return by_image[torch.sort(pair[by_image], stable=True).indices]
 
 
 def _nearest_neighbors(
@@ -174,16 +286,17 @@ def _nearest_neighbors(
     width = torch.zeros(natoms.numel(), dtype=torch.long, device=device)
     width = width.scatter_reduce(0, atom_structure, counts, reduce="amax")
     first = torch.cumsum(counts, 0) - counts
-    slot = torch.arange(num_candidates, device=device) - first[edge_target]
+    slot = torch.arange(num_candidates, device=device) - first.index_select(0, edge_target)
     keep = torch.ones(num_candidates, dtype=torch.bool, device=device)
     for w in torch.unique(width[width > max_neighbors]).tolist():
         atoms = (width[atom_structure] == w).nonzero(as_tuple=True)[0]
         row_of_atom = torch.full((num_atoms,), -1, dtype=torch.long, device=device)
         row_of_atom[atoms] = torch.arange(atoms.numel(), device=device)
-        in_group = row_of_atom[edge_target] >= 0
+        row = row_of_atom.index_select(0, edge_target)
+        in_group = row >= 0
         cand = in_group.nonzero(as_tuple=True)[0]
         padded = torch.full((atoms.numel() * w,), float("inf"), dtype=dist_sq.dtype, device=device)
-        padded[row_of_atom[edge_target[cand]] * w + slot[cand]] = dist_sq[cand]
+        padded[row.index_select(0, cand) * w + slot.index_select(0, cand)] = dist_sq.index_select(0, cand)
         sorted_dist, order = torch.sort(padded.view(-1, w), dim=1)
         chosen = order[:, :max_neighbors] + first[atoms].unsqueeze(1)
         chosen = chosen[torch.isfinite(sorted_dist[:, :max_neighbors])]

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch_geometric.data import Data
 
-from escn_train.graph import radius_graph_pbc
+from escn_train.graph import neighbor_pairs, radius_graph_pbc
 
 
 class BadSampleError(ValueError):
@@ -145,30 +145,43 @@ class SampleChecker:
         self._check_geometry(data, source)
 
     def _check_geometry(self, data: Data, source: str) -> None:
-        pos = data.pos.double()
-        if self.min_distance is not None and pos.shape[0] > 1:
-            dist = torch.cdist(pos, pos)
-            dist.fill_diagonal_(float("inf"))
-            closest = float(dist.min())
-            if closest < self.min_distance:
-                i, j = divmod(int(dist.argmin()), pos.shape[0])
-                raise BadSampleError(
-                    f"{source}: atoms {i} and {j} are {closest:.3f} Å apart (overlapping; minimum {self.min_distance} Å)"
-                )
-        pbc = data.pbc.reshape(3) if "pbc" in data else None
-        periodic = pbc is None or bool(pbc.any())
-        natoms = torch.tensor([pos.shape[0]])
-        if self.min_distance is not None and periodic:
-            graph = radius_graph_pbc(data.pos, data.cell, natoms, self.min_distance, 1, pbc=pbc)
-            if graph.edge_index.shape[1]:
-                raise BadSampleError(
-                    f"{source}: atom {int(graph.edge_index[1, 0])} is closer than {self.min_distance} Å to a periodic "
-                    f"image of atom {int(graph.edge_index[0, 0])} (overlapping atoms)"
-                )
-        if self.neighbor_cutoff is not None:
-            graph = radius_graph_pbc(data.pos, data.cell, natoms, self.neighbor_cutoff, 1, pbc=pbc)
-            if graph.edge_index.shape[1] == 0:
-                raise BadSampleError(
-                    f"{source}: no two atoms are within the cutoff of {self.neighbor_cutoff} Å "
-                    "(the structure has no edges; the model cannot use it)"
-                )
+        """Overlap and no-neighbour checks from the cell-list search: O(N), images included."""
+        pbc = data.pbc.reshape(1, 3) if "pbc" in data else torch.ones(1, 3, dtype=torch.bool)
+        natoms = torch.tensor([data.pos.shape[0]])
+        try:
+            if self.min_distance is not None and data.pos.shape[0] > 0:
+                self._check_overlap(data, natoms, pbc, source)
+            if self.neighbor_cutoff is not None:
+                graph = radius_graph_pbc(data.pos, data.cell, natoms, self.neighbor_cutoff, 1, pbc=pbc)
+                if graph.edge_index.shape[1] == 0:
+                    raise BadSampleError(
+                        f"{source}: no two atoms are within the cutoff of {self.neighbor_cutoff} Å "
+                        "(the structure has no edges; the model cannot use it)"
+                    )
+        except BadSampleError:
+            raise
+        except ValueError as err:  # e.g. a singular cell that is marked periodic
+            raise BadSampleError(f"{source}: {err}") from None
+
+    def _check_overlap(self, data: Data, natoms: torch.Tensor, pbc: torch.Tensor, source: str) -> None:
+        """Raise when two atoms, or an atom and a periodic image, are closer than ``min_distance``."""
+        target, other, shift, distance = neighbor_pairs(
+            data.pos, data.cell, natoms, self.min_distance, pbc, with_distances=True
+        )
+        close = distance < self.min_distance
+        direct = close & (shift == 0).all(dim=-1)
+        if bool(direct.any()):
+            # The closest pair; among equally close ones the lowest (i, j) with i < j.
+            pair = direct & (target < other)
+            closest, i, j = min(zip(distance[pair].tolist(), target[pair].tolist(), other[pair].tolist()))
+            raise BadSampleError(
+                f"{source}: atoms {i} and {j} are {closest:.3f} Å apart "
+                f"(overlapping; minimum {self.min_distance} Å)"
+            )
+        if bool(close.any()):
+            # The lowest-numbered atom with a close image, and the atom of its nearest image.
+            i, _, j = min(zip(target[close].tolist(), distance[close].tolist(), other[close].tolist()))
+            raise BadSampleError(
+                f"{source}: atom {i} is closer than {self.min_distance} Å to a periodic "
+                f"image of atom {j} (overlapping atoms)"
+            )
