@@ -46,7 +46,8 @@ for case in torch.load(sys.argv[2], weights_only=True):
         "energy_scale": case["energy"].abs().max().item(),
         "forces_scale": case["forces"].abs().max().item(),
     })
-heavy = ("lightning", "pytorch_lightning", "hydra", "e3nn", "torch_geometric", "ase")
+# ASE is not listed: vesin (the neighbour search) imports it when it is installed.
+heavy = ("lightning", "pytorch_lightning", "hydra", "e3nn", "torch_geometric")
 loaded = sorted(m for m in sys.modules if m.split(".")[0] in heavy
                 or m.startswith(("escn_train.models", "escn_train.training", "escn_train.data")))
 print(json.dumps({"kind": predictor.kind, "info": predictor.info.model, "results": results, "loaded": loaded}))

@@ -102,7 +102,7 @@ def test_predict_and_exported_program_on_large_structures(checkpoint, cells, tmp
 
     assert export_main([str(checkpoint), "-o", str(tmp_path / "tiny"), "--format", "export", "--device", "cpu",
                         "--no-check"]) == 0
-    exported = ESCNCalculator(load_predictor(tmp_path / "tiny.pt2", "cpu"))
+    exported = ESCNCalculator(load_predictor(tmp_path / "tiny.pt2", "cpu", trusted=True))
     atoms = read(inputs, index=1)
     atoms.calc = exported
     assert_tiled(atoms.get_potential_energy(), atoms.get_forces(), small_energy, small_forces)

@@ -353,6 +353,12 @@ class SafeUnpickler(pickle.Unpickler):
         return torch.empty((0,), dtype=storage.dtype).set_(storage._untyped_storage, offset, size, stride)
 
     def _numpy_dtype(self, spec: Any, align: Any = False, copy: Any = True) -> np.dtype:
+        if spec in ("O", "O4", "O8"):  # a careless writer's object array, not necessarily an attack
+            raise UnsafePickleError(
+                f"{self.source}: the entry holds a numpy array of Python objects (dtype object); expected "
+                "numeric arrays (store fields as float/int arrays or tensors; object arrays can run code "
+                "when unpickled, so they are refused)"
+            )
         if not isinstance(spec, str) or not _DTYPE_STRING.fullmatch(spec) or type(align) is not bool:
             raise self._refuse(f"numpy.dtype{_short((spec, align, copy))} (only plain numeric and string dtypes)")
         return np.dtype(spec, align, copy)
