@@ -1,4 +1,4 @@
-"""Device-to-host synchronisations of the model, counted with a TorchDispatchMode.
+"""Device-to-host synchronisations of the model, counted with escn_train.testing.SyncCounter.
 
 A sync is any op whose result the host must read back: a scalar read (``.item()``,
 ``bool(t)``, ``.tolist()`` -> ``aten._local_scalar_dense``), an output whose *shape*
@@ -13,50 +13,8 @@ from __future__ import annotations
 import pytest
 import torch
 from reference_fixtures import build_model, fixture_batch, load_fixture
-from torch.utils._python_dispatch import TorchDispatchMode
 
-aten = torch.ops.aten
-
-#: Ops that always read data back to the host.
-_SYNC_OPS = {
-    aten._local_scalar_dense.default,
-    aten.item.default,
-    aten.nonzero.default,
-    aten.nonzero_static.default,
-    aten.masked_select.default,
-    aten.equal.default,
-    aten.is_nonzero.default,
-    aten.allclose.default,
-    aten.bincount.default,
-    aten._unique2.default,
-    aten.unique_dim.default,
-    aten.unique_consecutive.default,
-    aten._assert_async.default,
-}
-
-
-class SyncCounter(TorchDispatchMode):
-    """Records every op that synchronises device and host (see the module docstring)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.syncs: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
-        kwargs = kwargs or {}
-        if func in _SYNC_OPS or self._data_dependent(func, args, kwargs):
-            self.syncs.append(str(func))
-        return func(*args, **kwargs)
-
-    @staticmethod
-    def _data_dependent(func, args, kwargs) -> bool:  # noqa: ANN001
-        packet = func.overloadpacket
-        if packet in (aten.index, aten.index_put, aten.index_put_, aten._index_put_impl_):
-            indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
-            return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices)
-        if packet is aten.repeat_interleave:
-            return kwargs.get("output_size") is None and not (len(args) > 3 and args[3] is not None)
-        return False
+from escn_train.testing.sync_counter import SyncCounter
 
 
 def _forward_args(name: str) -> tuple[torch.Tensor, ...]:
@@ -78,7 +36,7 @@ def test_the_counter_sees_the_syncs_it_is_meant_to_see():
         x.nonzero()
         torch.bincount(torch.tensor([1, 2]))
         bool(x.any())
-    assert len(counter.syncs) == 5, counter.syncs
+    assert counter.count == 5, counter.summary()
 
 
 @pytest.mark.parametrize("name", ["tiny_l2m1", "l4m2_sigmoid", "l6m3_linsig_rescale"])
@@ -89,7 +47,7 @@ def test_forward_and_backward_make_no_host_sync_without_input_checks(name):
         _loss(*model(*args)).backward()  # training
         with torch.no_grad():
             model(*args)  # inference
-    assert counter.syncs == []
+    assert counter.count == 0, counter.summary()
 
 
 def test_with_input_checks_the_model_does_sync():
@@ -97,7 +55,7 @@ def test_with_input_checks_the_model_does_sync():
     args = _forward_args("tiny_l2m1")
     with SyncCounter() as counter:
         build_model("tiny_l2m1", export=True)(*args)
-    assert counter.syncs
+    assert counter.count > 0
 
 
 def test_forward_trainable_syncs_do_not_grow_with_layers_or_batch():
@@ -115,5 +73,5 @@ def test_forward_trainable_syncs_do_not_grow_with_layers_or_batch():
         with SyncCounter() as counter:
             out = model(batch)
             _loss(out["energy"], out["forces"]).backward()
-        counts.append(len(counter.syncs))
+        counts.append(counter.count)
     assert counts == [0, 0]
