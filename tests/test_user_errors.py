@@ -364,3 +364,31 @@ def test_a_split_placeholder_with_null_src_is_no_split():
     assert dm.splits["test"] is None
     with pytest.raises(ValueError, match="no 'test' split"):
         dm.test_dataloader()
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml")))
+def test_every_experiment_passes_the_config_checks(experiment):
+    """The published recipes compose and pass the start-up checks (on this machine's CPU)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf, open_dict
+
+    from escn_train.training.config_checks import check_config
+
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=[f"experiment={experiment}", "oc20_root=/data/oc20",
+                                           "trainer.accelerator=cpu", "trainer.devices=1"], return_hydra_config=True)
+        from hydra.core.hydra_config import HydraConfig
+
+        HydraConfig.instance().set_config(cfg)
+        with open_dict(cfg):
+            del cfg["hydra"]
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+    check_config(resolved)
+    assert resolved["trainer"]["gradient_clip_val"] == 20.0
+
+
+def test_a_non_numeric_gradient_clip_is_refused_naming_the_key():
+    from escn_train.training.config_checks import check_config
+
+    with pytest.raises(ConfigError, match=r"^trainer\.gradient_clip_val: expected null or a number >= 0, got 'x20'$"):
+        check_config({"trainer": {"gradient_clip_val": "x20"}, "data": {"train": {"src": "a"}, "val": {"src": "b"}}})

@@ -138,6 +138,9 @@ def check_config(cfg: Mapping[str, Any]) -> None:
         raise ConfigError(f"trainer.precision: {precision!r} is not one of {', '.join(map(str, PRECISIONS))}")
     if trainer.get("accelerator") == "cpu" and precision in ("16-mixed", "16-true"):
         raise ConfigError(f"trainer.precision: {precision} needs a GPU; use bf16-mixed or 32-true on CPU")
+    clip = trainer.get("gradient_clip_val")
+    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip < 0):
+        raise ConfigError(f"trainer.gradient_clip_val: expected null or a number >= 0, got {clip!r}")
     check_devices(trainer)
     data = cfg.get("data") or {}
     for split in ("train", "val"):
