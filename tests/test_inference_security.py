@@ -113,9 +113,11 @@ def evil_files(exported, tmp_path_factory) -> dict[str, tuple[Path, Path]]:
 
 
 def test_the_crafted_files_do_run_code_in_plain_torch(evil_files, tmp_path):
-    """The oracle: torch.export.load executes the expression, a call of the module the guard."""
+    """The oracle: torch.export.load executes the expression, a call of the module the guard
+    (with the package's operators registered, as any loader of these programs has them)."""
     script = (
         "import sys, torch\n"
+        "import escn_train.models.fast.grid\n"
         "for path in sys.argv[1:]:\n"
         "    try:\n"
         "        program = torch.export.load(path)\n"

@@ -226,3 +226,30 @@ def test_gaussian_smearing_sets_only_subnormal_values_to_zero():
     wide = GaussianSmearing(0.0, 6.0, 20, 1.0)  # every centre within reach: the dense path
     shifted = dist.view(-1, 1) - wide.offset.view(1, -1)
     torch.testing.assert_close(wide(dist), torch.exp(wide.coeff * shifted * shifted), rtol=3e-7, atol=2e-38)
+
+
+@pytest.mark.parametrize("group_atom", [None, [0, 0, 1, 2, 2]], ids=["one-group-per-atom", "split-groups"])
+def test_grid_silu_operator_rotated_back_matches_its_plain_expressions(group_atom, monkeypatch):
+    """The blocked operator that eager, compile and export run, with the rotation back and
+    its Wigner-row gradient, against the plain expressions AOTInductor compiles."""
+    from escn_train.models.fast import grid
+
+    monkeypatch.setattr(grid, "GRID_BLOCK_FLOATS", 2 * 18 * 4)  # blocks of one group (2 slots)
+    gen = torch.Generator().manual_seed(3)
+    group_atom = None if group_atom is None else torch.tensor(group_atom)
+    num_groups, size, num_atoms = (3 if group_atom is None else 5), 2, 3
+    y = torch.randn(num_groups * size, 7, 4, dtype=torch.float64, generator=gen, requires_grad=True)
+    rows = torch.randn(num_groups, size * 7, 9, dtype=torch.float64, generator=gen, requires_grad=True)
+    to_grid = torch.randn(18, 7, dtype=torch.float64, generator=gen)
+    from_grid = torch.randn(7, 18, dtype=torch.float64, generator=gen)
+
+    def blocked(y, rows):
+        return torch.ops.escn_train.grid_silu(y, to_grid, from_grid, rows, group_atom, num_atoms, size)
+
+    torch.testing.assert_close(
+        blocked(y, rows), grid.grid_silu_unblocked(y, to_grid, from_grid, rows, group_atom, num_atoms, size),
+        rtol=1e-12, atol=1e-12,
+    )
+    assert torch.autograd.gradcheck(blocked, (y, rows))
+    torch.library.opcheck(torch.ops.escn_train.grid_silu.default,
+                          (y, to_grid, from_grid, rows, group_atom, num_atoms, size))

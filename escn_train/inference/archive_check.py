@@ -67,9 +67,11 @@ GUARD_MODULE_FUNCTIONS = {
 GUARD_MODULE_CONSTANTS = {"math": frozenset({"inf", "nan"})}
 TENSOR_METHODS = frozenset({"size", "stride", "storage_offset", "numel", "dim"})
 
-#: Operators a graph node may call: aten/prims overloads, and a few Python ones.
+#: Operators a graph node may call: aten/prims overloads, this package's own operators
+#: (:mod:`escn_train.models.fast.grid`), and a few Python ones.
 OPERATOR_TARGET = re.compile(r"torch\.ops\.(aten|prims)\.(?!__)[A-Za-z0-9_]+\.[A-Za-z][A-Za-z0-9_]*")
 PYTHON_TARGETS = frozenset(
+    ["torch.ops.escn_train." + n + ".default" for n in ("grid_silu", "grid_silu_backward")] +
     ["_operator." + n for n in "getitem add sub mul floordiv truediv mod neg pow eq ne lt le gt ge and_ or_ not_".split()]
     + ["torch." + n for n in "sym_float sym_int sym_max sym_min sym_not sym_ite sym_sqrt _sym_sqrt".split()]
     + ["math." + n for n in "ceil floor trunc sqrt".split()]
@@ -272,7 +274,7 @@ def check_string_argument(value: Any) -> None:
 
 def check_operator_target(target: Any) -> None:
     if not isinstance(target, str) or not (OPERATOR_TARGET.fullmatch(target) or target in PYTHON_TARGETS):
-        raise _Refused(f"graph node calls {str(target)[:80]!r} (only aten/prims operators are expected)")
+        raise _Refused(f"graph node calls {str(target)[:80]!r} (only aten/prims and escn_train operators are expected)")
 
 
 # ---------------------------------------------------------------------------------------- the archive

@@ -37,6 +37,7 @@ import torch
 from torch.export import Dim
 
 from escn_train.graph import radius_graph_pbc
+from escn_train.models.fast.grid import inline_operators
 from escn_train.inference.loading import (
     AOTI_PACKAGE,
     EXPORTED_PROGRAM,
@@ -108,7 +109,7 @@ def save_aoti_package(program: torch.export.ExportedProgram, path: Path, info: M
     """Compile with AOTInductor (minutes for large models) into ``path``."""
     meta = metadata_dict(info, AOTI_PACKAGE, exported_on=device.type, min_atoms=1, min_edges=1)
     torch._inductor.aoti_compile_and_package(
-        program,
+        inline_operators(program),
         package_path=str(path),
         inductor_configs={"aot_inductor.metadata": {METADATA_KEY: json.dumps(meta)}},
     )

@@ -302,6 +302,8 @@ class ExportedProgramPredictor(Predictor):
         data = Path(path).read_bytes()
         check_exported_archive(data, path)
         extra = {METADATA_KEY: ""}
+        import escn_train.models.fast.grid  # noqa: F401 - registers the operators the program calls
+
         program = torch.export.load(io.BytesIO(data), extra_files=extra)
         if not extra[METADATA_KEY]:
             raise ValueError(

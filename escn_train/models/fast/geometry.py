@@ -17,7 +17,13 @@ from escn_train.models.workspace import Workspace
 
 
 def _tracing() -> bool:
+    """Traced by ``torch.compile`` or ``torch.export``."""
     return torch.compiler.is_compiling() or torch.compiler.is_exporting()
+
+
+def _compiling() -> bool:
+    """Traced by ``torch.compile`` (not by ``torch.export``)."""
+    return torch.compiler.is_compiling() and not torch.compiler.is_exporting()
 
 
 @dataclass

@@ -2,37 +2,34 @@
 
 The pointwise SiLU on the S2 grid, from_grid @ SiLU(to_grid @ y), has the largest
 activation of a message block: its grid values (slots x points x C). Memory traffic is
-the cost of this stage on CPUs, so eager code computes them one cache-sized block of edges
-at a time, rotates each block back and sums it per target atom while it is in cache, and
-its backward recomputes the grid values from ``y`` instead of storing them
-(:class:`_GridSiLU`). Traced code (``torch.export``, ``torch.compile``) runs the same
-expressions unblocked, as plain operations (block loops over a dynamic edge count do not
-trace). Results are bit for bit those of the unblocked expressions in eager mode.
+the cost of this stage on CPUs, so it computes them one cache-sized block of edges at a
+time, rotates each block back and sums it per target atom while it is in cache, and its
+backward recomputes the grid values from ``y`` instead of storing them.
+
+The stage is the custom operator ``torch.ops.escn_train.grid_silu`` (with its backward,
+``grid_silu_backward``), so eager code, ``torch.compile`` and ``torch.export`` all run
+this blocked kernel: a loop over a dynamic number of edge blocks does not trace, but an
+operator with a registered shape function does. Exported programs therefore need this
+module imported before ``torch.export.load`` (``escn_train.inference.loading`` does it).
+AOTInductor packages, which must run without Python, replace the operator by
+:func:`grid_silu_unblocked` (the same expressions, fused by Inductor) before compiling.
+Results are bit for bit those of the unblocked expressions in eager mode.
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import nn
 
-from escn_train.models.fast.geometry import _tracing
-from escn_train.models.fast.slots import EdgeGroups
-from escn_train.models.workspace import Workspace
-
+if TYPE_CHECKING:  # loading an exported program imports this module: keep it light
+    from escn_train.models.fast.slots import EdgeGroups
 
 #: Grid values per block of the S2-grid stage: 512 KB, so each block's grid stays in a
 #: core's L2 cache between the projection, the SiLU and the projection back (measured on
 #: the bench batch: 2^16..2^17 best, 2^20 ~10% slower on the tiny configuration).
 GRID_BLOCK_FLOATS = 2**17
-
-
-def _edge_block_size(to_grid: torch.Tensor, y: torch.Tensor, back: RotationBack | None) -> int:
-    """Edges per block for grid values of ``to_grid.shape[0]`` points x ``y.shape[2]`` channels
-    (whole groups of ``back`` when given)."""
-    step = max(1, GRID_BLOCK_FLOATS // max(1, to_grid.shape[0] * y.shape[2]))
-    return step if back is None else max(1, step // back.groups.size) * back.groups.size
 
 
 class RotationBack(NamedTuple):
@@ -43,94 +40,135 @@ class RotationBack(NamedTuple):
     rows: torch.Tensor
     groups: EdgeGroups
     num_atoms: int
-    workspace: Workspace | None = None  # lends backward its gradient buffer
-
-    def sum_block(self, values: torch.Tensor, start: int, out: torch.Tensor) -> None:
-        """Add the sums of the slots from ``start`` on (whole groups), ``values`` [slots, R, C],
-        to ``out`` ([groups, S, C] when each group is an atom, else [atoms, S, C])."""
-        size = self.groups.size
-        first, last = start // size, start // size + values.shape[0] // size
-        values = values.view(last - first, self.rows.shape[1], values.shape[2])
-        if self.groups.one_per_atom:
-            torch.bmm(self.rows[first:last].transpose(1, 2), values, out=out[first:last])
-        else:
-            out.index_add_(0, self.groups.group_atom[first:last], torch.bmm(self.rows[first:last].transpose(1, 2), values))
-
-    def block_gradient(self, grad_per_group: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        """The gradient of the slots start..stop (whole groups) given the per-group gradient
-        of the sums, [slots, R, C]."""
-        size = self.groups.size
-        grad = torch.bmm(self.rows[start // size : stop // size], grad_per_group[start // size : stop // size])
-        return grad.view(stop - start, self.rows.shape[1] // size, grad.shape[2])
-
-
-class _GridSiLU(torch.autograd.Function):
-    """from_grid @ SiLU(to_grid @ y), edge block by edge block, recomputed in backward;
-    with a :class:`RotationBack`, rotated back and summed per atom block by block too.
-
-    The grid values (E x points x C) are the largest activation of a message block. Here
-    they exist one cache-sized block of edges at a time (memory traffic is the cost of
-    this stage on CPUs), and backward recomputes them from ``y`` instead of storing them.
-    Rotating each block back while it is in cache spares the [E, coeffs, C] result and its
-    gradient. Results and gradients are bit for bit those of the unblocked expressions.
-    """
-
-    @staticmethod
-    def forward(
-        y: torch.Tensor, to_grid: torch.Tensor, from_grid: torch.Tensor, back: RotationBack | None = None
-    ) -> torch.Tensor:
-        if back is None:
-            out = y.new_empty(y.shape[0], from_grid.shape[0], y.shape[2])
-        elif back.groups.one_per_atom:
-            out = y.new_empty(back.num_atoms, back.rows.shape[2], y.shape[2])
-        else:
-            out = y.new_zeros(back.num_atoms, back.rows.shape[2], y.shape[2])
-        step = _edge_block_size(to_grid, y, back)
-        for start in range(0, y.shape[0], step):
-            grid = nn.functional.silu(torch.matmul(to_grid, y[start : start + step]), inplace=True)
-            if back is None:
-                torch.matmul(from_grid, grid, out=out[start : start + step])
-            else:
-                back.sum_block(torch.matmul(from_grid, grid), start, out)
-        return out
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
-        ctx.back = inputs[3] if len(inputs) > 3 else None
-        ctx.save_for_backward(*inputs[:3])
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
-        y, to_grid, from_grid = ctx.saved_tensors
-        back = ctx.back
-        if back is not None and back.workspace is not None:
-            # Consumed by the SO(2) stage's backward before any other layer's grid backward.
-            grad_y = back.workspace.get("grid_grad", y.shape, y)
-        else:
-            grad_y = torch.empty_like(y)
-        if back is not None:
-            grad = back.groups.per_group(grad)
-        step = _edge_block_size(to_grid, y, back)
-        for start in range(0, y.shape[0], step):
-            stop = min(start + step, y.shape[0])
-            grid = torch.matmul(to_grid, y[start:stop])
-            grad_out = grad[start:stop] if back is None else back.block_gradient(grad, start, stop)
-            # SiLU' is exactly 1 above 80 and below 1e-32 under -80; clamping keeps its
-            # exp() off the slow path that saturated grid values would take on CPUs.
-            grad_grid = torch.ops.aten.silu_backward(torch.matmul(from_grid.t(), grad_out), grid.clamp_(-80.0, 80.0))
-            torch.matmul(to_grid.t(), grad_grid, out=grad_y[start:stop])
-        return grad_y, None, None, None
 
 
 def grid_silu(
     y: torch.Tensor, to_grid: torch.Tensor, from_grid: torch.Tensor, back: RotationBack | None = None
 ) -> torch.Tensor:
-    """Pointwise SiLU on the S2 grid: from_grid @ SiLU(to_grid @ y) for y [E, coeffs, C]
-    (see :class:`_GridSiLU`); with ``back``, the per-atom sums of its rotation back,
-    [atoms, S, C] (y in the target-slot layout)."""
-    if _tracing():
-        grid = torch.matmul(from_grid, nn.functional.silu(torch.matmul(to_grid, y)))
-        return grid if back is None else back.groups.sum_padded(back.rows, grid, back.num_atoms)
-    if torch.is_grad_enabled() and y.requires_grad:
-        return _GridSiLU.apply(y, to_grid, from_grid, back)
-    return _GridSiLU.forward(y, to_grid, from_grid, back)
+    """Pointwise SiLU on the S2 grid: from_grid @ SiLU(to_grid @ y) for y [E, coeffs, C];
+    with ``back``, the per-atom sums of its rotation back, [atoms, S, C] (y in the
+    target-slot layout)."""
+    if back is None:
+        return torch.ops.escn_train.grid_silu(y, to_grid, from_grid, None, None, 0, 1)
+    groups = back.groups
+    group_atom = None if groups.one_per_atom else groups.group_atom
+    return torch.ops.escn_train.grid_silu(y, to_grid, from_grid, back.rows, group_atom, back.num_atoms, groups.size)
+
+
+def grid_silu_unblocked(
+    y: torch.Tensor, to_grid: torch.Tensor, from_grid: torch.Tensor, rows: torch.Tensor | None,
+    group_atom: torch.Tensor | None, num_atoms: int, size: int,
+) -> torch.Tensor:
+    """The operator's value as plain tensor expressions, for compilers that fuse them."""
+    values = torch.matmul(from_grid, nn.functional.silu(torch.matmul(to_grid, y)))
+    if rows is None:
+        return values
+    summed = torch.bmm(rows.transpose(1, 2), values.reshape(rows.shape[0], rows.shape[1], values.shape[2]))
+    if group_atom is None:
+        return summed
+    return summed.new_zeros(num_atoms, *summed.shape[1:]).index_add(0, group_atom, summed)
+
+
+def inline_operators(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    """``program`` with this module's operators replaced by their plain expressions, for
+    AOTInductor (its packages run without Python, where these operators do not exist)."""
+    return program.run_decompositions({torch.ops.escn_train.grid_silu.default: grid_silu_unblocked})
+
+
+def _block_edges(to_grid: torch.Tensor, y: torch.Tensor, size: int) -> int:
+    """Edges per block for grid values of ``to_grid.shape[0]`` points x ``y.shape[2]``
+    channels, in whole groups of ``size`` slots."""
+    step = max(1, GRID_BLOCK_FLOATS // max(1, to_grid.shape[0] * y.shape[2]))
+    return max(1, step // size) * size
+
+
+@torch.library.custom_op("escn_train::grid_silu", mutates_args=())
+def _grid_silu(
+    y: torch.Tensor, to_grid: torch.Tensor, from_grid: torch.Tensor, rows: torch.Tensor | None,
+    group_atom: torch.Tensor | None, num_atoms: int, size: int,
+) -> torch.Tensor:
+    """:func:`grid_silu_unblocked`, computed per cache-sized block of edges; ``rows`` None:
+    no rotation back; ``group_atom`` None: target group g is atom g."""
+    if rows is None:
+        out = y.new_empty(y.shape[0], from_grid.shape[0], y.shape[2])
+    elif group_atom is None:
+        out = y.new_empty(num_atoms, rows.shape[2], y.shape[2])
+    else:
+        out = y.new_zeros(num_atoms, rows.shape[2], y.shape[2])
+    step = _block_edges(to_grid, y, size)
+    for start in range(0, y.shape[0], step):
+        grid = nn.functional.silu(torch.matmul(to_grid, y[start : start + step]), inplace=True)
+        if rows is None:
+            torch.matmul(from_grid, grid, out=out[start : start + step])
+            continue
+        values = torch.matmul(from_grid, grid)
+        first = start // size
+        last = first + values.shape[0] // size
+        values = values.view(last - first, rows.shape[1], values.shape[2])
+        if group_atom is None:
+            torch.bmm(rows[first:last].transpose(1, 2), values, out=out[first:last])
+        else:
+            out.index_add_(0, group_atom[first:last], torch.bmm(rows[first:last].transpose(1, 2), values))
+    return out
+
+
+@_grid_silu.register_fake
+def _(y, to_grid, from_grid, rows, group_atom, num_atoms, size):
+    if rows is None:
+        return y.new_empty(y.shape[0], from_grid.shape[0], y.shape[2])
+    return y.new_empty(num_atoms, rows.shape[2], y.shape[2])
+
+
+@torch.library.custom_op("escn_train::grid_silu_backward", mutates_args=())
+def _grid_silu_backward(
+    grad: torch.Tensor, y: torch.Tensor, to_grid: torch.Tensor, from_grid: torch.Tensor, rows: torch.Tensor | None,
+    group_atom: torch.Tensor | None, size: int, rows_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`_grid_silu` for ``y`` and (when ``rows_grad``, else an empty
+    tensor) ``rows``, block by block, recomputing each block's grid values."""
+    grad_y = torch.empty_like(y)
+    grad_rows = torch.empty_like(rows) if rows_grad and rows is not None else y.new_empty(0)
+    if rows is not None and group_atom is not None:
+        grad = grad.index_select(0, group_atom)  # per target group
+    step = _block_edges(to_grid, y, size)
+    for start in range(0, y.shape[0], step):
+        stop = min(start + step, y.shape[0])
+        grid = torch.matmul(to_grid, y[start:stop])
+        if rows is None:
+            grad_values = grad[start:stop]
+        else:
+            block_rows, block_grad = rows[start // size : stop // size], grad[start // size : stop // size]
+            if rows_grad:
+                values = torch.matmul(from_grid, nn.functional.silu(grid))
+                torch.bmm(values.view(block_rows.shape[0], block_rows.shape[1], -1), block_grad.transpose(1, 2),
+                          out=grad_rows[start // size : stop // size])
+            grad_values = torch.bmm(block_rows, block_grad).view(stop - start, from_grid.shape[0], grad.shape[2])
+        # SiLU' is exactly 1 above 80 and below 1e-32 under -80; clamping keeps its
+        # exp() off the slow path that saturated grid values would take on CPUs.
+        grad_grid = torch.ops.aten.silu_backward(torch.matmul(from_grid.t(), grad_values), grid.clamp_(-80.0, 80.0))
+        torch.matmul(to_grid.t(), grad_grid, out=grad_y[start:stop])
+    return grad_y, grad_rows
+
+
+@_grid_silu_backward.register_fake
+def _(grad, y, to_grid, from_grid, rows, group_atom, size, rows_grad):
+    grad_rows = torch.empty_like(rows) if rows_grad and rows is not None else y.new_empty(0)
+    return torch.empty_like(y), grad_rows
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    y, to_grid, from_grid, rows, group_atom, _num_atoms, size = inputs
+    ctx.size = size
+    ctx.rows_grad = rows is not None and ctx.needs_input_grad[3]
+    ctx.save_for_backward(y, to_grid, from_grid, rows, group_atom)
+
+
+def _backward(ctx, grad):
+    y, to_grid, from_grid, rows, group_atom = ctx.saved_tensors
+    grad_y, grad_rows = torch.ops.escn_train.grid_silu_backward(
+        grad.contiguous(), y, to_grid, from_grid, rows, group_atom, ctx.size, ctx.rows_grad
+    )
+    return grad_y, None, None, grad_rows if ctx.rows_grad else None, None, None, None
+
+
+_grid_silu.register_autograd(_backward, setup_context=_setup_context)

@@ -113,7 +113,7 @@ def message(
         torch.cat([p.gate_bias for p in params]), projections, [p.second for p in params],
     )
     with autocast_off(y):
-        back = RotationBack(geometry.back_rows, geometry.groups[1], x.shape[0], geometry.workspace)
+        back = RotationBack(geometry.back_rows, geometry.groups[1], x.shape[0])
         return grid_silu(float32(y), block.grid_to, block.grid_from, back)
 
 

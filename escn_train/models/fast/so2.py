@@ -35,7 +35,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from escn_train.models.fast.geometry import MessageGeometry, _tracing
+from escn_train.models.fast.geometry import MessageGeometry, _compiling, _tracing
 from escn_train.precision import autocast_off, float32
 
 
@@ -207,7 +207,9 @@ def _forward(
     """:func:`so2_stage` with the first-layer outputs as grouped products of the per-atom
     projections. Without autograd, the intermediates are workspace buffers, and with
     ``reuse_output`` the output too (it is then valid until the next layer's)."""
-    in_place = not (torch.is_grad_enabled() or torch.is_autocast_enabled(x_edge.device.type) or _tracing())
+    # Exported programs keep the in-place products (no autograd graph to protect); Inductor
+    # fuses the plain expressions instead.
+    in_place = not (torch.is_grad_enabled() or torch.is_autocast_enabled(x_edge.device.type) or _compiling())
 
     def hidden(t: int) -> torch.Tensor:
         term = terms[t]
