@@ -16,18 +16,17 @@ from e3nn import o3
 from torch import nn
 
 from escn_train.graph import edge_vectors, radius_graph_pbc
+from escn_train.models.compiled import CompiledForward
 from escn_train.models.fast import message as fast_message
 from escn_train.models.fast.distance import DistanceBands, expand_distances
 from escn_train.models.fast.geometry import MessageGeometry, _tracing
 from escn_train.models.inputs import check_graph_inputs, check_positions
 from escn_train.models.so3 import SO3_Grid, CoefficientMapping, WignerCalculator, coefficient_idx, edge_frames
 from escn_train.models.readout import EnergyBlock, ForceBlock, calc_sphere_points
+from escn_train.models.reference_layout import accept_reference_layout
 from escn_train.models.smearing import make_distance_expansion
 from escn_train.models.workspace import Workspace
 from escn_train.precision import autocast_off, float32
-
-# Keys of the reference's derived constant buffers; rebuilt here from the configuration.
-_REFERENCE_CONSTANT_MARKERS = ("SO3_grid.", "mappingReduced.", "Jd_", "SO3_edge_rot.", ".mapping.")
 
 
 class eSCN(nn.Module):  # noqa: N801 - the reference's public name
@@ -105,8 +104,8 @@ class eSCN(nn.Module):  # noqa: N801 - the reference's public name
         sphharm = o3.spherical_harmonics(list(range(lmax + 1)), sphere_points, normalize=False)
         self.sphharm_weights = nn.Parameter(sphharm, requires_grad=False)
         self.sph_feature_size = (lmax + 1) ** 2
-        self.register_load_state_dict_pre_hook(_accept_reference_layout)
-        self._compiled_forward: Any = None
+        self.register_load_state_dict_pre_hook(accept_reference_layout)
+        self._compiled_forward = CompiledForward()
         self.workspace = Workspace()  # inference buffers kept between calls
 
     # ----------------------------------------------------------------------------------
@@ -117,11 +116,6 @@ class eSCN(nn.Module):  # noqa: N801 - the reference's public name
         if self.export:
             return super().__call__(*args, **kwargs)
         return self.forward_trainable(*args, **kwargs)
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_compiled_forward"] = None  # compiled callables neither pickle nor deepcopy
-        return state
 
     @property
     def num_params(self) -> int:
@@ -170,18 +164,10 @@ class eSCN(nn.Module):  # noqa: N801 - the reference's public name
         if self.check_inputs:
             check_graph_inputs(pos, atomic_numbers, edge_index, edge_distance, edge_distance_vec,
                                self.max_num_elements, self.max_neighbors)
-        impl = self._forward_impl
+        args = (pos, batch_idx, natoms, atomic_numbers, edge_index, edge_distance, edge_distance_vec)
         if self.compile:
-            if self._compiled_forward is None:
-                self._compiled_forward = torch.compile(self._forward_impl, dynamic=True)
-            impl = self._compiled_forward
-            # A batch of one structure is the common inference case: keep that dimension
-            # symbolic so size 1 neither specialises nor recompiles (a view would be guarded
-            # through its base, so mark a tensor of its own).
-            if natoms._base is not None:
-                natoms = natoms.clone()
-            torch._dynamo.decorators.mark_unbacked(natoms, 0)
-        return impl(pos, batch_idx, natoms, atomic_numbers, edge_index, edge_distance, edge_distance_vec)
+            return self._compiled_forward(self._forward_impl, *args)
+        return self._forward_impl(*args)
 
     def _forward_impl(
         self, pos: torch.Tensor, batch_idx: torch.Tensor, natoms: torch.Tensor, atomic_numbers: torch.Tensor,
@@ -243,20 +229,6 @@ class eSCN(nn.Module):  # noqa: N801 - the reference's public name
             energy = energy.index_add(0, batch_idx, node_energy) * 0.001
             forces = self.force_block(x_pt, self.sphere_points)
         return energy, forces
-
-
-def _accept_reference_layout(
-    module: nn.Module, state_dict: dict[str, torch.Tensor], prefix: str, *args: Any, **kwargs: Any
-) -> None:
-    """Let reference checkpoints load: drop their derived constants, rename ``sphharm_weights.0``."""
-    for key in list(state_dict):
-        if not key.startswith(prefix):
-            continue
-        local = key[len(prefix) :]
-        if local == "sphharm_weights.0":
-            state_dict[prefix + "sphharm_weights"] = state_dict.pop(key)
-        elif any(marker in local for marker in _REFERENCE_CONSTANT_MARKERS):
-            del state_dict[key]
 
 
 # ---------------------------------------------------------------------------------------
