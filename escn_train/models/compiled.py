@@ -1,0 +1,33 @@
+"""``torch.compile`` of the model's forward, built on first use and kept between calls."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+
+class CompiledForward:
+    """Calls ``forward(pos, batch_idx, natoms, ...)`` through one ``torch.compile`` with dynamic shapes.
+
+    A batch of one structure is the common inference case: the batch dimension of ``natoms``
+    is kept symbolic, so size 1 neither specialises nor recompiles. Pickling and deepcopy
+    drop the compiled callable (it supports neither); the next call compiles again.
+    """
+
+    def __init__(self) -> None:
+        self._compiled: Callable[..., Any] | None = None
+
+    def __call__(
+        self, forward: Callable[..., Any], pos: torch.Tensor, batch_idx: torch.Tensor, natoms: torch.Tensor,
+        *rest: torch.Tensor,
+    ) -> Any:
+        if self._compiled is None:
+            self._compiled = torch.compile(forward, dynamic=True)
+        if natoms._base is not None:  # a view would be guarded through its base: mark a tensor of its own
+            natoms = natoms.clone()
+        torch._dynamo.decorators.mark_unbacked(natoms, 0)
+        return self._compiled(pos, batch_idx, natoms, *rest)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"_compiled": None}
