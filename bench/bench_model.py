@@ -39,6 +39,8 @@ CONFIGS = {
     # Not in the bench README: the published OC20 degree (lmax 6), and mmax = lmax.
     "l6m2": {"lmax": 6, "mmax": 2, "num_layers": 2, "sphere_channels": 128, "hidden_channels": 256,
              "edge_channels": 128, "num_sphere_samples": 128, **COMMON},
+    "l3m1": {"lmax": 3, "mmax": 1, "num_layers": 3, "sphere_channels": 64, "hidden_channels": 128,
+             "edge_channels": 64, "num_sphere_samples": 64, **COMMON},
     "l3m3": {"lmax": 3, "mmax": 3, "num_layers": 3, "sphere_channels": 64, "hidden_channels": 128,
              "edge_channels": 64, "num_sphere_samples": 64, **COMMON},
 }

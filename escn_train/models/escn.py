@@ -16,10 +16,10 @@ from e3nn import o3
 from torch import nn
 
 from escn_train.graph import edge_vectors, radius_graph_pbc
-from escn_train.models.compiled import CompiledForward
+from escn_train.models.compiled import CompiledForward, compiled_layer
 from escn_train.models.fast import message as fast_message
 from escn_train.models.fast.distance import DistanceBands, expand_distances
-from escn_train.models.fast.geometry import MessageGeometry, _tracing
+from escn_train.models.fast.geometry import MessageGeometry, _compiling, _tracing
 from escn_train.models.inputs import check_graph_inputs, check_positions
 from escn_train.models.so3 import SO3_Grid, CoefficientMapping, WignerCalculator, coefficient_idx, edge_frames
 from escn_train.models.readout import EnergyBlock, ForceBlock, calc_sphere_points
@@ -174,8 +174,11 @@ class eSCN(nn.Module):  # noqa: N801 - the reference's public name
             # Shared by every layer, per target slot.
             expanded_distance = expand_distances(self.distance_expansion, edge_distance[geometry.slot_edge])
         for i, layer in enumerate(self.layer_blocks):
-            update = layer(x, atomic_numbers, edge_distance, edge_index, wigner, expanded_distance=expanded_distance,
-                           geometry=geometry, degree_zero_input=i == 0)
+            # torch.compile traces and compiles the repeated layers once (see compiled.py).
+            run = layer if i == 0 or not _compiling() else compiled_layer
+            update = run(x, atomic_numbers, edge_distance, edge_index, wigner, expanded_distance=expanded_distance,
+                         geometry=geometry, degree_zero_input=i == 0) if run is layer else run(
+                layer, x, atomic_numbers, edge_distance, edge_index, wigner, expanded_distance, geometry)
             x = update if i == 0 else x + update
         return x
 
