@@ -49,12 +49,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.form in ("export", "aoti"):
         from escn_train.inference.export import dynamic_shapes
 
-        with torch.no_grad():
+        import contextlib
+
+        try:  # as escn-export traces and compiles AOTI packages (older commits: plain export)
+            from escn_train.models.fast.geometry import exporting_for_inductor
+            from escn_train.models.fast.grid import inline_operators
+        except ImportError:
+            exporting_for_inductor, inline_operators = contextlib.nullcontext, lambda program: program
+        with torch.no_grad(), exporting_for_inductor() if args.form == "aoti" else contextlib.nullcontext():
             program = torch.export.export(model, inputs, dynamic_shapes=dynamic_shapes())
         call = program.module()
         if args.form == "aoti":
             with tempfile.TemporaryDirectory() as tmp:
-                path = torch._inductor.aoti_compile_and_package(program, package_path=f"{tmp}/m.pt2")
+                path = torch._inductor.aoti_compile_and_package(inline_operators(program), package_path=f"{tmp}/m.pt2")
                 call = torch._inductor.aoti_load_package(path)
     else:
         call = model

@@ -160,7 +160,7 @@ def test_fast_model_equals_the_reference_blocks_on_other_sizes(lmax, mmax, trace
     if traced:
         for module in (fast_geometry, so2):
             monkeypatch.setattr(module, "_tracing", lambda: True)
-        monkeypatch.setattr(so2, "_compiling", lambda: True)
+        monkeypatch.setattr(so2, "_fusing", lambda: True)
     fast = run()
     monkeypatch.undo()
 

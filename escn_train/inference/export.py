@@ -27,6 +27,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -37,6 +38,7 @@ import torch
 from torch.export import Dim
 
 from escn_train.graph import radius_graph_pbc
+from escn_train.models.fast.geometry import exporting_for_inductor
 from escn_train.models.fast.grid import inline_operators
 from escn_train.inference.loading import (
     AOTI_PACKAGE,
@@ -91,11 +93,15 @@ def forward_args(structures: dict[str, torch.Tensor], info: ModelInfo) -> tuple[
             graph.edge_distance_vec)
 
 
-def export_program(potential: torch.nn.Module, info: ModelInfo, device: torch.device) -> torch.export.ExportedProgram:
-    """Trace ``potential.forward`` with dynamic atom, edge and structure counts."""
+def export_program(
+    potential: torch.nn.Module, info: ModelInfo, device: torch.device, for_inductor: bool = False
+) -> torch.export.ExportedProgram:
+    """Trace ``potential.forward`` with dynamic atom, edge and structure counts;
+    ``for_inductor``: in the form AOTInductor compiles best (see
+    :func:`~escn_train.models.fast.geometry.exporting_for_inductor`)."""
     potential = potential.to(device).eval()
     example = forward_args(sample_structures([5, 8], info.max_num_elements, device=device), info)
-    with torch.no_grad():
+    with torch.no_grad(), exporting_for_inductor() if for_inductor else contextlib.nullcontext():
         return torch.export.export(potential, example, dynamic_shapes=dynamic_shapes())
 
 
@@ -150,9 +156,6 @@ def export_checkpoint(
     potential, info = load_checkpoint_potential(checkpoint, use_ema)
     potential = potential.to(device)
     log(f"loaded {checkpoint} ({info.weights} weights; cutoff {info.cutoff} Å, max_neighbors {info.max_neighbors})")
-    started = time.perf_counter()
-    program = export_program(potential, info, device)
-    log(f"traced with torch.export in {time.perf_counter() - started:.1f} s")
     written = []
     targets = []
     if "export" in formats:
@@ -160,6 +163,9 @@ def export_checkpoint(
     if "aoti" in formats:
         targets.append((AOTI_PACKAGE, output.with_name(output.name + ".aoti.pt2"), save_aoti_package))
     for kind, path, save in targets:
+        started = time.perf_counter()
+        program = export_program(potential, info, device, for_inductor=kind == AOTI_PACKAGE)
+        log(f"traced with torch.export in {time.perf_counter() - started:.1f} s")
         started = time.perf_counter()
         if kind == AOTI_PACKAGE:
             log(f"compiling the AOTInductor package for {device.type} (this can take minutes) ...")

@@ -21,9 +21,10 @@ In eager training, :class:`_GroupedSO2` keeps only the edge features and the per
 for backward and recomputes the gates and the first-layer outputs there (a small GEMM and
 the grouped products), instead of storing several [E, hidden] tensors per term. Those
 intermediates, in forward and backward, are buffers kept between calls
-(:mod:`escn_train.models.workspace`): fresh ones would cost a page fault per 4 KB. Traced
-code (``torch.export``, ``torch.compile``) runs the same expressions as plain differentiable
-operations, and AOTAutograd derives their backward.
+(:mod:`escn_train.models.workspace`): fresh ones would cost a page fault per 4 KB. Exported
+inference programs keep the in-place products (in fresh buffers); ``torch.compile`` traces the
+same expressions as plain differentiable operations, which Inductor fuses and whose backward
+AOTAutograd derives.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from escn_train.models.fast.geometry import MessageGeometry, _compiling, _tracing
+from escn_train.models.fast.geometry import MessageGeometry, _fusing, _tracing
 from escn_train.precision import autocast_off, float32
 
 
@@ -207,9 +208,9 @@ def _forward(
     """:func:`so2_stage` with the first-layer outputs as grouped products of the per-atom
     projections. Without autograd, the intermediates are workspace buffers, and with
     ``reuse_output`` the output too (it is then valid until the next layer's)."""
-    # Exported programs keep the in-place products (no autograd graph to protect); Inductor
-    # fuses the plain expressions instead.
-    in_place = not (torch.is_grad_enabled() or torch.is_autocast_enabled(x_edge.device.type) or _compiling())
+    # Exported programs keep the in-place products (no autograd graph to protect); code
+    # traced for Inductor gets the plain expressions, which it fuses.
+    in_place = not (torch.is_grad_enabled() or torch.is_autocast_enabled(x_edge.device.type) or _fusing())
 
     def hidden(t: int) -> torch.Tensor:
         term = terms[t]
