@@ -140,18 +140,42 @@ def _check_exponent(node: ast.expr, text: str) -> None:
         raise _Refused(f"power with a computed exponent in {text[:80]!r}")
 
 
+def _visit_shared(node: ast.AST, visit: Any, text: str, where: str, binary_operators: tuple) -> bool:
+    """The node kinds both checkers accept alike: bounded constants, arithmetic with
+    ``binary_operators``, signs, ``not``, comparisons and boolean operators (children through
+    ``visit``). False when ``node`` is none of them; ``where`` prefixes the quoted text."""
+    if isinstance(node, ast.Constant):
+        if type(node.value) is int:
+            _check_int(node.value, text)
+        elif type(node.value) not in (bool, float):
+            raise _Refused(f"constant {node.value!r} in {where}{text[:80]!r}")
+    elif isinstance(node, ast.BinOp) and isinstance(node.op, binary_operators):
+        if isinstance(node.op, ast.Pow):
+            _check_exponent(node.right, text)
+        visit(node.left)
+        visit(node.right)
+    elif isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd, ast.Not)):
+        visit(node.operand)
+    elif isinstance(node, ast.Compare) and all(isinstance(op, COMPARISONS) for op in node.ops):
+        for child in (node.left, *node.comparators):
+            visit(child)
+    elif isinstance(node, ast.BoolOp):
+        for child in node.values:
+            visit(child)
+    else:
+        return False
+    return True
+
+
 def check_sympy_expression(text: Any) -> None:
     """Raise ``_Refused`` unless ``text`` is a shape expression as torch writes it: symbols,
     numbers, arithmetic, comparisons and the sympy/torch functions of :data:`SYMPY_FUNCTIONS`."""
     tree = _parse(text, "symbolic expression")
 
     def visit(node: ast.AST) -> None:
-        if isinstance(node, ast.Constant):
-            if type(node.value) is int:
-                _check_int(node.value, text)
-            elif type(node.value) not in (bool, float):
-                raise _Refused(f"constant {node.value!r} in {text[:80]!r}")
-        elif isinstance(node, ast.Name):
+        if _visit_shared(node, visit, text, "", BINARY_OPERATORS):
+            return
+        if isinstance(node, ast.Name):
             if not (node.id in SYMPY_CONSTANTS or SYMBOL_NAME.fullmatch(node.id)):
                 raise _Refused(f"name {node.id!r} in {text[:80]!r}")
         elif isinstance(node, ast.Call):
@@ -173,19 +197,6 @@ def check_sympy_expression(text: Any) -> None:
                     raise _Refused(f"keyword {keyword.arg!r} with a non-constant value in {text[:80]!r}")
             for arg in args:
                 visit(arg)
-        elif isinstance(node, ast.BinOp) and isinstance(node.op, BINARY_OPERATORS):
-            if isinstance(node.op, ast.Pow):
-                _check_exponent(node.right, text)
-            visit(node.left)
-            visit(node.right)
-        elif isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd, ast.Not)):
-            visit(node.operand)
-        elif isinstance(node, ast.Compare) and all(isinstance(op, COMPARISONS) for op in node.ops):
-            for child in (node.left, *node.comparators):
-                visit(child)
-        elif isinstance(node, ast.BoolOp):
-            for child in node.values:
-                visit(child)
         elif isinstance(node, ast.Tuple):
             for child in node.elts:
                 visit(child)
@@ -215,12 +226,9 @@ def check_guard(text: Any) -> None:
     tree = _parse(text, "guard")
 
     def visit(node: ast.AST) -> None:
-        if isinstance(node, ast.Constant):
-            if type(node.value) is int:
-                _check_int(node.value, text)
-            elif type(node.value) not in (bool, float):
-                raise _Refused(f"constant {node.value!r} in guard {text[:80]!r}")
-        elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) \
+        if _visit_shared(node, visit, text, "guard ", GUARD_BINARY_OPERATORS):
+            return
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) \
                 and node.attr in GUARD_MODULE_CONSTANTS.get(node.value.id, ()):
             return
         elif isinstance(node, ast.Subscript):
@@ -245,19 +253,6 @@ def check_guard(text: Any) -> None:
                 raise _Refused(f"call of {ast.unparse(func)[:40]!r} in guard {text[:80]!r}")
             for arg in node.args:
                 visit(arg)
-        elif isinstance(node, ast.BinOp) and isinstance(node.op, GUARD_BINARY_OPERATORS):
-            if isinstance(node.op, ast.Pow):
-                _check_exponent(node.right, text)
-            visit(node.left)
-            visit(node.right)
-        elif isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd, ast.Not)):
-            visit(node.operand)
-        elif isinstance(node, ast.Compare) and all(isinstance(op, COMPARISONS) for op in node.ops):
-            for child in (node.left, *node.comparators):
-                visit(child)
-        elif isinstance(node, ast.BoolOp):
-            for child in node.values:
-                visit(child)
         else:
             raise _Refused(f"{type(node).__name__} in guard {text[:80]!r}")
 
