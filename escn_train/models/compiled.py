@@ -34,10 +34,12 @@ class CompiledForward:
 
 
 @torch.compiler.nested_compile_region
-def compiled_layer(layer: torch.nn.Module, x: torch.Tensor, *args: Any) -> torch.Tensor:
+def compiled_layer(
+    layer: torch.nn.Module, x: torch.Tensor, atomic_numbers: torch.Tensor, edge_distance: torch.Tensor,
+    edge_index: torch.Tensor, wigner: torch.Tensor, expanded_distance: Any, geometry: Any,
+) -> torch.Tensor:
     """A message-passing layer after the first, as one nested compile region: under
     ``torch.compile`` its code is generated once and reused by every such layer (the first
     layer differs: its input has degree zero only)."""
-    atomic_numbers, edge_distance, edge_index, wigner, expanded_distance, geometry = args
     return layer(x, atomic_numbers, edge_distance, edge_index, wigner, expanded_distance=expanded_distance,
                  geometry=geometry)

@@ -174,11 +174,12 @@ class eSCN(nn.Module):  # noqa: N801 - the reference's public name
             # Shared by every layer, per target slot.
             expanded_distance = expand_distances(self.distance_expansion, edge_distance[geometry.slot_edge])
         for i, layer in enumerate(self.layer_blocks):
-            # torch.compile traces and compiles the repeated layers once (see compiled.py).
-            run = layer if i == 0 or not _compiling() else compiled_layer
-            update = run(x, atomic_numbers, edge_distance, edge_index, wigner, expanded_distance=expanded_distance,
-                         geometry=geometry, degree_zero_input=i == 0) if run is layer else run(
-                layer, x, atomic_numbers, edge_distance, edge_index, wigner, expanded_distance, geometry)
+            if i > 0 and _compiling():  # one nested compile region serves every later layer
+                update = compiled_layer(layer, x, atomic_numbers, edge_distance, edge_index, wigner,
+                                        expanded_distance, geometry)
+            else:
+                update = layer(x, atomic_numbers, edge_distance, edge_index, wigner,
+                               expanded_distance=expanded_distance, geometry=geometry, degree_zero_input=i == 0)
             x = update if i == 0 else x + update
         return x
 
