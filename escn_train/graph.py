@@ -221,7 +221,9 @@ def radius_graph_pbc(
     shifts = torch.matmul(images.to(pos.dtype), cell.detach())  # [B, I, 3]
     width = torch.tensor([2 * r + 1 for r in max_reps], device=device)
 
-    atom_structure = torch.repeat_interleave(torch.arange(num_structures, device=device), natoms.to(device))
+    num_atoms = pos.shape[0]
+    atom_structure = torch.repeat_interleave(
+        torch.arange(num_structures, device=device), natoms.to(device), output_size=num_atoms)
     structure = atom_structure.index_select(0, target)
     inside = (offsets.abs() <= reps_h.to(device).index_select(0, structure)).all(dim=-1)
     grid = (offsets + width // 2).clamp(min=torch.zeros_like(width), max=width - 1)
@@ -233,22 +235,25 @@ def radius_graph_pbc(
     del shift, structure
     dist_sq = (diff * diff).sum(dim=-1)
     del diff
-    keep = (dist_sq <= cutoff * cutoff) & (dist_sq > SELF_DISTANCE_SQ) & inside
-    chosen = keep.nonzero(as_tuple=True)[0]
-    del keep, inside
-    target, source, image, dist_sq, offsets = (
-        t.index_select(0, chosen) for t in (target, source, image, dist_sq, offsets)
-    )
-    order = _edge_order(target, source, image, pos.shape[0], images.shape[0])
-    target, source, dist_sq, offsets = (t.index_select(0, order) for t in (target, source, dist_sq, offsets))
+    # Candidates the search found beyond the cutoff (its margin) or beyond the image bounds
+    # stay in the arrays as never-chosen (distance inf) until the one compaction at the end.
+    valid = (dist_sq <= cutoff * cutoff) & (dist_sq > SELF_DISTANCE_SQ) & inside
+    del inside
+    dist_sq = torch.where(valid, dist_sq, torch.full_like(dist_sq, float("inf")))
+    order = _edge_order(target, source, image, num_atoms, images.shape[0])
+    target, source, dist_sq, offsets, valid = (
+        t.index_select(0, order) for t in (target, source, dist_sq, offsets, valid))
     del order, image
 
-    kept = _nearest_neighbors(target, dist_sq, natoms.to(device), max_neighbors)
+    chosen = _nearest_neighbors(target, dist_sq, valid, atom_structure, num_structures, max_neighbors)
+    kept = chosen.nonzero(as_tuple=True)[0]  # the graph's size: the one read-back it needs
+    del chosen, valid
     edge_index = torch.stack([source.index_select(0, kept), target.index_select(0, kept)])
     cell_offsets = offsets.index_select(0, kept).long()
     del target, source, dist_sq, offsets
     edge_distance, edge_vec = edge_vectors(pos, cell, atom_structure, edge_index, cell_offsets)
-    neighbors = torch.bincount(atom_structure.index_select(0, edge_index[1]), minlength=num_structures)
+    neighbors = torch.zeros(num_structures, dtype=torch.long, device=device).index_add_(
+        0, atom_structure.index_select(0, edge_index[1]), torch.ones_like(edge_index[1]))
     return PeriodicGraph(edge_index, cell_offsets, edge_distance, edge_vec, neighbors)
 
 
@@ -265,41 +270,86 @@ def _edge_order(
 
 
 def _nearest_neighbors(
-    edge_target: torch.Tensor, dist_sq: torch.Tensor, natoms: torch.Tensor, max_neighbors: int
+    target: torch.Tensor,
+    dist_sq: torch.Tensor,
+    valid: torch.Tensor,
+    atom_structure: torch.Tensor,
+    num_structures: int,
+    max_neighbors: int,
 ) -> torch.Tensor:
-    """Indices of the candidates kept when each target keeps its ``max_neighbors`` nearest.
+    """Mask of the candidates kept when each target keeps its ``max_neighbors`` nearest
+    valid candidates (``max_neighbors <= 0``: all of them).
 
-    ``edge_target`` must be sorted. Candidates stay in their original order. Exact ties
-    (an atom's own images, all at one lattice distance) are broken as the reference breaks
-    them: an unstable sort over each structure's rows padded with inf to that structure's
-    widest row. Structures are grouped by that width, so the loop runs over distinct
-    widths, never over atoms or edges.
+    ``target`` must be sorted; invalid candidates carry ``dist_sq = inf``. The choice is
+    batched: candidates ranked per target by distance (one stable sort), without any
+    read-back. Only an exact tie at the cut (the k-th and (k+1)-th nearest at one distance:
+    a shell of a perfect lattice, an atom's own images) makes the choice depend on how ties
+    are broken; one read-back detects it, and then :func:`_break_ties_as_reference` decides
+    those rows as the reference does.
     """
-    device = edge_target.device
-    num_atoms = int(natoms.sum())
-    num_candidates = edge_target.numel()
-    counts = torch.bincount(edge_target, minlength=num_atoms)
-    if num_candidates == 0 or max_neighbors <= 0 or int(counts.max()) <= max_neighbors:
-        return torch.arange(num_candidates, device=device)
+    num_candidates = target.numel()
+    if num_candidates == 0 or max_neighbors <= 0:
+        return valid
+    num_atoms = atom_structure.numel()
+    device = target.device
+    by_row = _rows_nearest_first(target, dist_sq)
+    block = torch.zeros(num_atoms, dtype=torch.long, device=device).index_add_(0, target, torch.ones_like(target))
+    first = torch.cumsum(block, 0) - block
+    rank = torch.empty_like(target).scatter_(
+        0, by_row, torch.arange(num_candidates, device=device) - first.index_select(0, target.index_select(0, by_row)))
+    chosen = valid & (rank < max_neighbors)
 
-    atom_structure = torch.repeat_interleave(torch.arange(natoms.numel(), device=device), natoms)
-    width = torch.zeros(natoms.numel(), dtype=torch.long, device=device)
+    counts = torch.zeros(num_atoms, dtype=torch.long, device=device).index_add_(0, target, valid.long())
+    nearest = dist_sq.index_select(0, by_row)
+    last_kept = (first + max_neighbors - 1).clamp(max=num_candidates - 1)
+    first_dropped = (first + max_neighbors).clamp(max=num_candidates - 1)
+    tied = (counts > max_neighbors) & (nearest.index_select(0, last_kept) == nearest.index_select(0, first_dropped))
+    if bool(tied.any()):
+        _break_ties_as_reference(chosen, dist_sq, valid, counts, atom_structure, num_structures, tied, max_neighbors)
+    return chosen
+
+
+def _rows_nearest_first(target: torch.Tensor, dist_sq: torch.Tensor) -> torch.Tensor:
+    """Permutation grouping candidates by target (ascending), nearest first, exact ties in
+    candidate order. Below float64 it is one sort of an int64 key: the target in the high
+    32 bits, the float32 distance's bit pattern (ordered as its value, for values >= 0) in
+    the low 32; float64 distances take two stable sorts."""
+    if dist_sq.dtype != torch.float64:
+        bits = dist_sq.float().view(torch.int32).long()
+        return torch.sort((target << 32) | bits, stable=True).indices
+    by_distance = torch.sort(dist_sq, stable=True).indices
+    return by_distance.index_select(0, torch.sort(target.index_select(0, by_distance), stable=True).indices)
+
+
+def _break_ties_as_reference(
+    chosen: torch.Tensor,
+    dist_sq: torch.Tensor,
+    valid: torch.Tensor,
+    counts: torch.Tensor,
+    atom_structure: torch.Tensor,
+    num_structures: int,
+    tied: torch.Tensor,
+    max_neighbors: int,
+) -> None:
+    """Re-decide, in ``chosen``, the rows of ``tied`` targets as the reference does: an
+    unstable sort of the row's distances (in candidate order) padded with inf to the widest
+    row of its structure. The tie order of that sort depends on the padded width, so the
+    rows are sorted in one group per distinct width (a loop over widths, never over atoms
+    or edges); only graphs with such ties pay for it.
+    """
+    device = dist_sq.device
+    width = torch.zeros(num_structures, dtype=torch.long, device=device)
     width = width.scatter_reduce(0, atom_structure, counts, reduce="amax")
-    first = torch.cumsum(counts, 0) - counts
-    slot = torch.arange(num_candidates, device=device) - first.index_select(0, edge_target)
-    keep = torch.ones(num_candidates, dtype=torch.bool, device=device)
-    for w in torch.unique(width[width > max_neighbors]).tolist():
-        atoms = (width[atom_structure] == w).nonzero(as_tuple=True)[0]
-        row_of_atom = torch.full((num_atoms,), -1, dtype=torch.long, device=device)
-        row_of_atom[atoms] = torch.arange(atoms.numel(), device=device)
-        row = row_of_atom.index_select(0, edge_target)
-        in_group = row >= 0
-        cand = in_group.nonzero(as_tuple=True)[0]
-        padded = torch.full((atoms.numel() * w,), float("inf"), dtype=dist_sq.dtype, device=device)
-        padded[row.index_select(0, cand) * w + slot.index_select(0, cand)] = dist_sq.index_select(0, cand)
-        sorted_dist, order = torch.sort(padded.view(-1, w), dim=1)
-        chosen = order[:, :max_neighbors] + first[atoms].unsqueeze(1)
-        chosen = chosen[torch.isfinite(sorted_dist[:, :max_neighbors])]
-        keep[in_group] = False
-        keep[chosen] = True
-    return keep.nonzero(as_tuple=True)[0]
+    candidate = valid.nonzero(as_tuple=True)[0]  # valid candidates, in candidate order
+    first = torch.cumsum(counts, 0) - counts  # each target's first entry in ``candidate``
+    tied_atoms = tied.nonzero(as_tuple=True)[0]
+    row_width = width.index_select(0, atom_structure.index_select(0, tied_atoms))
+    for w in torch.unique(row_width).tolist():
+        atoms = tied_atoms[row_width == w]
+        slots = first.index_select(0, atoms).unsqueeze(1) + torch.arange(w, device=device)
+        filled = torch.arange(w, device=device) < counts.index_select(0, atoms).unsqueeze(1)
+        ids = candidate.index_select(0, slots.clamp(max=candidate.numel() - 1).view(-1)).view(slots.shape)
+        padded = torch.where(filled, dist_sq.index_select(0, ids.view(-1)).view(ids.shape), float("inf"))
+        order = torch.sort(padded, dim=1).indices[:, :max_neighbors]  # tied rows: all finite
+        chosen.index_fill_(0, ids[filled], False)
+        chosen.index_fill_(0, ids.gather(1, order).reshape(-1), True)

@@ -114,6 +114,23 @@ def test_exact_ties_on_lattices():
         assert int(torch.bincount(batch.edge_index[1]).max()) == k
 
 
+def test_ties_in_batches_of_several_row_widths():
+    """Tied lattices of three sizes (three padded widths) between random structures: the
+    rows cut inside a shell are decided per width, every other row by the batched ranking."""
+    gen = torch.Generator().manual_seed(5)
+    fcc = torch.tensor([[0, 0, 0], [0, 0.5, 0.5], [0.5, 0, 0.5], [0.5, 0.5, 0]], dtype=torch.float64)
+    parts = []
+    for a in (3.61, 2.87, 4.05):
+        parts.append(((fcc * a), a * torch.eye(3, dtype=torch.float64), [True] * 3))
+        parts.append(_structure("bulk", 7, gen))
+    pos = torch.cat([p for p, _, _ in parts]).float()
+    cell = torch.stack([c for _, c, _ in parts]).float()
+    natoms = torch.tensor([p.shape[0] for p, _, _ in parts])
+    for max_neighbors in (13, 20, 30):
+        graph = assert_same_graph(pos, cell, natoms, 6.0, max_neighbors, torch.tensor([b for _, _, b in parts]))
+        assert int(torch.bincount(graph.edge_index[1]).max()) == max_neighbors
+
+
 def test_empty_and_edgeless():
     far = torch.tensor([[0.0, 0, 0], [10.0, 0, 0]])
     graph = assert_same_graph(far, torch.zeros(1, 3, 3), torch.tensor([2]), 5.0, 10, torch.zeros(3, dtype=torch.bool))

@@ -75,3 +75,24 @@ def test_forward_trainable_syncs_do_not_grow_with_layers_or_batch():
             _loss(out["energy"], out["forces"]).backward()
         counts.append(counter.count)
     assert counts == [0, 0]
+
+
+def test_forward_trainable_building_its_graph_syncs_a_constant_number_of_times():
+    """Building the graph reads back a fixed number of values (the host neighbour search, the
+    tie check and the edge count), whatever the batch holds and however many layers follow."""
+    from escn_train.models.escn import eSCN
+
+    config = dict(load_fixture("tiny_l2m1")["config"], check_inputs=False)
+    counts = []
+    for layers, structures, max_neighbors in ((1, [0], 20), (2, [0, 1], 20), (3, [0, 1, 2, 3], 5), (2, [3, 1], 8)):
+        model = eSCN(**dict(config, num_layers=layers, max_neighbors=max_neighbors))
+        batch = fixture_batch("tiny_l2m1", structures)
+        for key in ("edge_index", "cell_offsets"):
+            if key in batch:
+                del batch[key]
+        with SyncCounter() as counter:
+            out = model.forward_trainable(batch)
+            _loss(out["energy"], out["forces"]).backward()
+        counts.append(counter.count)
+        assert counter.count_matching("escn_train/graph.py") == counter.count, counter.summary()
+    assert len(set(counts)) == 1 and counts[0] <= 12, counts

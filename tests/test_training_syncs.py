@@ -110,3 +110,42 @@ def test_training_module_turns_the_model_input_checks_off_only_for_checked_data(
     module._trainer = SimpleNamespace(datamodule=None)
     module.setup("fit")
     assert [m.check_inputs for m in models] == [True, True]
+
+
+def test_ddp_skip_mode_scales_gradients_without_reading_back_while_this_rank_has_data():
+    """The micro-batch counts are summed across ranks on the device; only a rank without
+    data reads the sum (to learn whether the step is empty everywhere)."""
+    from escn_train.testing import SyncCounter
+    from escn_train.training.module import PotentialModule
+
+    module = PotentialModule(model=TINY_MODEL, normalizer=NORMALIZER)
+    params = [p for p in module.potential.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=0.1)
+    other_rank = {}  # the other rank's (total, filled), added by the fake all-reduce
+
+    def reduce(tensor, reduce_op):
+        assert reduce_op == "sum"
+        return tensor + torch.tensor(other_rank["counts"], dtype=tensor.dtype)
+
+    strategy = SimpleNamespace(root_device=torch.device("cpu"), reduce=reduce)
+    module._trainer = SimpleNamespace(world_size=2, is_global_zero=True, global_step=0, strategy=strategy)
+    module._may_be_empty = True
+
+    def step(mine, other):
+        other_rank["counts"] = [float(v) for v in other]
+        for p in params:
+            p.grad = torch.ones_like(p)
+        module._micro_batches = list(mine)
+        module.step_skipped = False
+        with SyncCounter() as syncs:
+            module.on_before_optimizer_step(optimizer)
+        return syncs.count
+
+    assert step((2, 2), (2, 1)) == 0  # 4 micro-batches over both ranks, 3 with data
+    assert all(torch.allclose(p.grad, torch.full_like(p, 4 / 3)) for p in params) and not module.step_skipped
+    assert step((2, 2), (2, 2)) == 0
+    assert all(torch.equal(p.grad, torch.ones_like(p)) for p in params)
+    assert step((1, 0), (1, 1)) == 1  # this rank had none: one read, then the same scale as the other rank
+    assert all(torch.allclose(p.grad, torch.full_like(p, 2.0)) for p in params) and not module.step_skipped
+    assert step((1, 0), (1, 0)) == 1  # empty on every rank: skipped
+    assert module.step_skipped and all(p.grad is None for p in params) and module.empty_steps == 1

@@ -400,31 +400,47 @@ class PotentialModule(L.LightningModule):
         Runs after backward and the DDP all-reduce (which averaged over all ranks and
         micro-batches, counting empty ones as zero) and before clipping: the gradients are
         multiplied by (all micro-batches) / (micro-batches with data), summed over ranks, so
-        the update equals the mean over the structures' batches that were there. The counts
-        are summed across ranks (one small all-reduce per step, only with skip mode under DDP),
-        so all ranks take the same decision.
+        the update equals the mean over the structures' batches that were there.
+
+        Under DDP with skip mode the two counts are summed across ranks on the device (one
+        small all-reduce per step) and the scale is applied there, so nothing is read back
+        while this rank has data: a step can only be empty everywhere if it is empty here.
+        A rank without data reads the sum (one read), and all ranks with an empty step
+        everywhere skip it together.
         """
         total, filled = self._micro_batches
         self._micro_batches = [0, 0]
         trainer = self.trainer
         if trainer.world_size > 1 and self._may_be_empty:
-            counts = torch.tensor([float(total), float(filled)], device=trainer.strategy.root_device)
-            total, filled = (int(v) for v in trainer.strategy.reduce(counts, reduce_op="sum").tolist())
+            counts = torch.empty(2, device=trainer.strategy.root_device)
+            counts[0], counts[1] = float(total), float(filled)  # filled in on the device: no copy that waits
+            counts = trainer.strategy.reduce(counts, reduce_op="sum")
+            if filled == 0 and int(counts[1].item()) == 0:
+                self._skip_empty_step(optimizer)
+                return
+            grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            if grads:
+                torch._foreach_mul_(grads, counts[0] / counts[1].clamp_min(1.0))
+            return
         if filled == total:
             return
         if filled == 0:
-            optimizer.zero_grad(set_to_none=True)
-            self.step_skipped = self._no_data_step = True
-            self.empty_steps += 1
-            if trainer.is_global_zero:
-                print(f"WARNING: skipped training step {trainer.global_step}: every structure of its batches was "
-                      "bad (data.skip_bad_samples) on every rank", flush=True)
+            self._skip_empty_step(optimizer)
             return
         scale = total / filled
         for group in optimizer.param_groups:
             for param in group["params"]:
                 if param.grad is not None:
                     param.grad.mul_(scale)
+
+    def _skip_empty_step(self, optimizer: Any) -> None:
+        """No structure on any rank: no update, no EMA update, no step of a step-interval schedule."""
+        optimizer.zero_grad(set_to_none=True)
+        self.step_skipped = self._no_data_step = True
+        self.empty_steps += 1
+        if self.trainer.is_global_zero:
+            print(f"WARNING: skipped training step {self.trainer.global_step}: every structure of its batches was "
+                  "bad (data.skip_bad_samples) on every rank", flush=True)
 
     def _epoch_end_skipped(self, split: str) -> None:
         """Log the skipped-sample count of ``split`` (cumulative), summed over ranks (all ranks run this hook)."""
