@@ -26,7 +26,7 @@ from bench_model import CONFIGS, DEFAULT_BATCH, FORWARD_KEYS  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="tiny", choices=sorted(CONFIGS))
-    parser.add_argument("--form", default="eager", choices=["eager", "export", "aoti", "compile"])
+    parser.add_argument("--form", default="eager", choices=["eager", "export", "aoti", "aoti-op", "compile"])
     parser.add_argument("--mode", default="infer", choices=["infer", "train"])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--steps", type=int, default=5)
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     options = {"check_inputs": False} if "check_inputs" in inspect.signature(eSCN).parameters else {}
     model = eSCN(export=True, compile=args.form == "compile", **options, **CONFIGS[args.config])
     start = time.perf_counter()
-    if args.form in ("export", "aoti"):
+    if args.form in ("export", "aoti", "aoti-op"):
         from escn_train.inference.export import dynamic_shapes
 
         import contextlib
@@ -56,12 +56,15 @@ def main(argv: list[str] | None = None) -> int:
             from escn_train.models.fast.grid import inline_operators
         except ImportError:
             exporting_for_inductor, inline_operators = contextlib.nullcontext, lambda program: program
-        with torch.no_grad(), exporting_for_inductor() if args.form == "aoti" else contextlib.nullcontext():
+        import os
+        fused_form = args.form == "aoti" or (args.form == "aoti-op" and not os.environ.get("BENCH_PLAIN_TRACE"))
+        with torch.no_grad(), exporting_for_inductor() if fused_form else contextlib.nullcontext():
             program = torch.export.export(model, inputs, dynamic_shapes=dynamic_shapes())
         call = program.module()
-        if args.form == "aoti":
+        if args.form.startswith("aoti"):  # aoti: standalone (operator inlined); aoti-op: calls the operator
             with tempfile.TemporaryDirectory() as tmp:
-                path = torch._inductor.aoti_compile_and_package(inline_operators(program), package_path=f"{tmp}/m.pt2")
+                packaged = inline_operators(program) if args.form == "aoti" else program
+                path = torch._inductor.aoti_compile_and_package(packaged, package_path=f"{tmp}/m.pt2")
                 call = torch._inductor.aoti_load_package(path)
     else:
         call = model

@@ -165,31 +165,59 @@ def test_metadata_is_required(tmp_path):
         load_predictor(text, "cpu", trusted=True)
 
 
-@pytest.fixture(scope="module")
-def aoti_package(checkpoint, tmp_path_factory) -> Path:
-    """One AOTInductor build for this module (~20 s on two cores)."""
-    output = tmp_path_factory.mktemp("aoti") / "escn"
-    assert main([str(checkpoint), "-o", str(output), "--format", "aoti", "--device", "cpu", "--no-check"]) == 0
+@pytest.fixture(scope="module", params=["operator", "standalone"])
+def aoti_package(request, checkpoint, tmp_path_factory) -> Path:
+    """One AOTInductor build per form for this module (~20 s each on two cores): calling the
+    grid operator (the default) or standalone (``--aoti-standalone``)."""
+    output = tmp_path_factory.mktemp(f"aoti_{request.param}") / "escn"
+    extra = ["--aoti-standalone"] if request.param == "standalone" else []
+    assert main([str(checkpoint), "-o", str(output), "--format", "aoti", "--device", "cpu", "--no-check", *extra]) == 0
     return output.with_name("escn.aoti.pt2")
 
 
 @pytest.mark.slow
 def test_aoti_package_reproduces_eager_without_training_code(aoti_package, tmp_path):
+    from escn_train.models.fast.grid import GRID_OPERATORS
+
     meta = aoti_package_metadata(aoti_package)
     assert meta["AOTI_DEVICE_KEY"] == "cpu"
-    assert json.loads(meta[METADATA_KEY])["max_neighbors"] == 20
+    standalone = aoti_package.parent.name.startswith("aoti_standalone")
+    document = json.loads(meta[METADATA_KEY])
+    assert document["max_neighbors"] == 20
+    assert document["operators"] == ([] if standalone else list(GRID_OPERATORS))
     with zipfile.ZipFile(aoti_package) as archive:
         assert any(n.endswith(".so") for n in archive.namelist())
 
     cases = _cases()
     out = run_loader(aoti_package, tmp_path, cases)
-    assert out["kind"] == "aoti_package" and out["loaded"] == []
+    # A standalone package loads no model code at all; the default one only the operator's module.
+    grid_modules = ["escn_train.models", "escn_train.models.fast", "escn_train.models.fast.grid"]
+    assert out["kind"] == "aoti_package" and out["loaded"] == ([] if standalone else grid_modules)
     fixture = load_fixture(NAME)
     # Compiled kernels reorder float32 sums: the fixture's intrinsic round-off bound (as in
     # test_model_export), in physical units, plus float32 rounding of the energy offsets.
     for r in out["results"]:
         assert r["energy"] <= frame_tolerance(fixture, "energy") * ENERGY_STD + 2e-6 * r["energy_scale"]
         assert r["forces"] <= frame_tolerance(fixture, "forces") * FORCE_STD
+
+
+@pytest.mark.slow
+def test_aoti_package_calling_an_unknown_operator_is_a_clear_error(aoti_package, tmp_path):
+    document = json.loads(aoti_package_metadata(aoti_package)[METADATA_KEY])
+    if not document["operators"]:
+        pytest.skip("a standalone package calls no operator")
+    edited = tmp_path / "escn.aoti.pt2"
+    with zipfile.ZipFile(aoti_package) as source, zipfile.ZipFile(edited, "w") as target:
+        for item in source.infolist():
+            data = source.read(item)
+            if item.filename.endswith("wrapper_metadata.json"):
+                meta = json.loads(data)
+                meta[METADATA_KEY] = json.dumps({**document, "operators": ["escn_train::grid_silu", "other::op"]})
+                data = json.dumps(meta).encode()
+            target.writestr(item, data)
+    with pytest.raises(ValueError, match=r"escn\.aoti\.pt2: AOTInductor package calls operators this escn-train does "
+                       r"not provide: other::op; expected only escn_train::grid_silu, escn_train::grid_silu_backward"):
+        load_predictor(edited, "cpu", trusted=True)
 
 
 @pytest.mark.slow

@@ -12,7 +12,10 @@ max_neighbors, max_num_elements, normalisers, units, source checkpoint, weights 
 
 * ``NAME.pt2``: ``torch.export.save`` archive, the JSON as an extra file. Device-portable.
 * ``NAME.aoti.pt2``: AOTInductor package compiled for one device type, the JSON in the
-  package metadata (``aot_inductor.metadata``), readable without loading the library.
+  package metadata (``aot_inductor.metadata``), readable without loading the library. It
+  calls the blocked S2-grid operator as eager code does (Python registers it:
+  ``import escn_train.models.fast.grid``); ``--aoti-standalone`` compiles the operator's
+  plain expressions in instead, for loaders without Python.
 
 Both load with :func:`escn_train.inference.loading.load_predictor` (no Lightning needed),
 with ``trusted=True``: they are code.
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import sys
 import time
@@ -39,7 +43,7 @@ from torch.export import Dim
 
 from escn_train.graph import radius_graph_pbc
 from escn_train.models.fast.geometry import exporting_for_inductor
-from escn_train.models.fast.grid import inline_operators
+from escn_train.models.fast.grid import GRID_OPERATORS, inline_operators
 from escn_train.inference.loading import (
     AOTI_PACKAGE,
     EXPORTED_PROGRAM,
@@ -111,11 +115,22 @@ def save_exported_program(program: torch.export.ExportedProgram, path: Path, inf
     return path
 
 
-def save_aoti_package(program: torch.export.ExportedProgram, path: Path, info: ModelInfo, device: torch.device) -> Path:
-    """Compile with AOTInductor (minutes for large models) into ``path``."""
-    meta = metadata_dict(info, AOTI_PACKAGE, exported_on=device.type, min_atoms=1, min_edges=1)
+def save_aoti_package(
+    program: torch.export.ExportedProgram, path: Path, info: ModelInfo, device: torch.device, standalone: bool = False
+) -> Path:
+    """Compile with AOTInductor (minutes for large models) into ``path``.
+
+    By default the package calls the blocked S2-grid operator (``escn_train::grid_silu``)
+    through the dispatcher, as eager code does: loading it in Python needs
+    ``import escn_train.models.fast.grid`` first (:func:`load_predictor` does it).
+    ``standalone`` compiles the operator's plain expressions into the package instead, for
+    runtimes without Python (C++ ``AOTIModelPackageLoader``); that form is slower on CPUs
+    (bench/RESULTS.md).
+    """
+    operators = [] if standalone else list(GRID_OPERATORS)
+    meta = metadata_dict(info, AOTI_PACKAGE, exported_on=device.type, min_atoms=1, min_edges=1, operators=operators)
     torch._inductor.aoti_compile_and_package(
-        inline_operators(program),
+        inline_operators(program) if standalone else program,
         package_path=str(path),
         inductor_configs={"aot_inductor.metadata": {METADATA_KEY: json.dumps(meta)}},
     )
@@ -146,6 +161,7 @@ def export_checkpoint(
     use_ema: bool = True,
     check: bool = True,
     log=print,
+    aoti_standalone: bool = False,
 ) -> list[Path]:
     """Write ``OUTPUT.pt2`` and/or ``OUTPUT.aoti.pt2`` for a checkpoint; returns the paths."""
     device = resolve_device(device)
@@ -161,7 +177,8 @@ def export_checkpoint(
     if "export" in formats:
         targets.append((EXPORTED_PROGRAM, output.with_name(output.name + ".pt2"), save_exported_program))
     if "aoti" in formats:
-        targets.append((AOTI_PACKAGE, output.with_name(output.name + ".aoti.pt2"), save_aoti_package))
+        targets.append((AOTI_PACKAGE, output.with_name(output.name + ".aoti.pt2"),
+                        functools.partial(save_aoti_package, standalone=aoti_standalone)))
     for kind, path, save in targets:
         started = time.perf_counter()
         program = export_program(potential, info, device, for_inductor=kind == AOTI_PACKAGE)
@@ -196,6 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]: AOTInductor packages only run on this device type")
     parser.add_argument("--no-ema", action="store_true", help="export the raw weights even if the checkpoint has EMA weights")
     parser.add_argument("--no-check", action="store_true", help="skip the agreement check against the eager model")
+    parser.add_argument(
+        "--aoti-standalone", action="store_true",
+        help="AOTInductor package that runs without Python (C++ loaders): compiles the S2-grid operator's plain "
+        "expressions in (slower on CPUs); by default the package calls the operator, which Python registers")
     return parser
 
 
@@ -204,7 +225,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     formats = ("export", "aoti") if args.format == "both" else (args.format,)
     try:
-        export_checkpoint(args.checkpoint, args.output, formats, args.device, not args.no_ema, not args.no_check)
+        export_checkpoint(args.checkpoint, args.output, formats, args.device, not args.no_ema, not args.no_check,
+                          aoti_standalone=args.aoti_standalone)
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"escn-export: error: {exc}", file=sys.stderr)
         return 2

@@ -352,6 +352,16 @@ class AOTIPredictor(Predictor):
                 f"export again with escn-export --device {device.type}, or use the .pt2 exported program"
             )
         super().__init__(info_from_metadata(meta[METADATA_KEY], path, AOTI_PACKAGE), device)
+        operators = json.loads(meta[METADATA_KEY]).get("operators") or []
+        if operators:  # not a standalone package: register the operators it calls
+            from escn_train.models.fast.grid import GRID_OPERATORS
+
+            unknown = sorted(set(operators) - set(GRID_OPERATORS))
+            if unknown:
+                raise ValueError(
+                    f"{path}: AOTInductor package calls operators this escn-train does not provide: "
+                    f"{', '.join(unknown)}; expected only {', '.join(GRID_OPERATORS)} (export it again with this version)"
+                )
         index = device.index if device.index is not None else -1
         self.runner = torch._inductor.aoti_load_package(str(path), device_index=index)
 

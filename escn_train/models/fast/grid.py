@@ -11,8 +11,9 @@ The stage is the custom operator ``torch.ops.escn_train.grid_silu`` (with its ba
 this blocked kernel: a loop over a dynamic number of edge blocks does not trace, but an
 operator with a registered shape function does. Exported programs therefore need this
 module imported before ``torch.export.load`` (``escn_train.inference.loading`` does it).
-AOTInductor packages, which must run without Python, replace the operator by
-:func:`grid_silu_unblocked` (the same expressions, fused by Inductor) before compiling.
+AOTInductor packages call it through the dispatcher too; standalone packages, which must
+run without Python, replace it by :func:`grid_silu_unblocked` (the same expressions, fused
+by Inductor) before compiling.
 Results are bit for bit those of the unblocked expressions in eager mode.
 """
 
@@ -25,6 +26,9 @@ from torch import nn
 
 if TYPE_CHECKING:  # loading an exported program imports this module: keep it light
     from escn_train.models.fast.slots import EdgeGroups
+
+#: The operators this module registers, as exported programs and AOTI packages name them.
+GRID_OPERATORS = ("escn_train::grid_silu", "escn_train::grid_silu_backward")
 
 #: Grid values per block of the S2-grid stage: 512 KB, so each block's grid stays in a
 #: core's L2 cache between the projection, the SiLU and the projection back (measured on
