@@ -1,5 +1,7 @@
 """Time one eSCN form on the bench batch: eager, torch.export (.pt2), AOTInductor or
-compile=True, inference or a training step, in a fresh process per call.
+compile=True, inference or a training step, in a fresh process per call. ``aoti`` is the
+standalone package (``escn-export --aoti-standalone``), ``aoti-op`` the default one, which
+calls the grid operator.
 
 Reports wall-clock and process CPU time (time.process_time) per call after warm-up, and,
 for compiled forms, the first call's (compile) time. Run the forms interleaved, in fresh
@@ -56,9 +58,7 @@ def main(argv: list[str] | None = None) -> int:
             from escn_train.models.fast.grid import inline_operators
         except ImportError:
             exporting_for_inductor, inline_operators = contextlib.nullcontext, lambda program: program
-        import os
-        fused_form = args.form == "aoti" or (args.form == "aoti-op" and not os.environ.get("BENCH_PLAIN_TRACE"))
-        with torch.no_grad(), exporting_for_inductor() if fused_form else contextlib.nullcontext():
+        with torch.no_grad(), exporting_for_inductor() if args.form.startswith("aoti") else contextlib.nullcontext():
             program = torch.export.export(model, inputs, dynamic_shapes=dynamic_shapes())
         call = program.module()
         if args.form.startswith("aoti"):  # aoti: standalone (operator inlined); aoti-op: calls the operator
