@@ -72,6 +72,14 @@ def normalizers_from_statistics(stats: Mapping[str, Any], config: Mapping[str, A
     return out
 
 
+def _scale_gradients(optimizer: Any, scale: float | torch.Tensor) -> None:
+    """Multiply every gradient the optimizer holds by ``scale`` (a number, or a 0-d tensor
+    on the gradients' device, which is never read back)."""
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if grads:
+        torch._foreach_mul_(grads, scale)
+
+
 class PotentialModule(L.LightningModule):
     """Trains an eSCN potential on energies and forces.
 
@@ -418,20 +426,14 @@ class PotentialModule(L.LightningModule):
             if filled == 0 and int(counts[1].item()) == 0:
                 self._skip_empty_step(optimizer)
                 return
-            grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-            if grads:
-                torch._foreach_mul_(grads, counts[0] / counts[1].clamp_min(1.0))
+            _scale_gradients(optimizer, counts[0] / counts[1].clamp_min(1.0))
             return
         if filled == total:
             return
         if filled == 0:
             self._skip_empty_step(optimizer)
             return
-        scale = total / filled
-        for group in optimizer.param_groups:
-            for param in group["params"]:
-                if param.grad is not None:
-                    param.grad.mul_(scale)
+        _scale_gradients(optimizer, total / filled)
 
     def _skip_empty_step(self, optimizer: Any) -> None:
         """No structure on any rank: no update, no EMA update, no step of a step-interval schedule."""
