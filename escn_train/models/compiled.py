@@ -8,10 +8,15 @@ import torch
 
 
 class CompiledForward:
-    """Calls ``forward(pos, batch_idx, natoms, ...)`` through one ``torch.compile`` with dynamic shapes.
+    """Calls ``forward(pos, batch_idx, natoms, atomic_numbers, edge_index, edge_distance,
+    edge_distance_vec)`` through one ``torch.compile``.
 
-    A batch of one structure is the common inference case: the batch dimension of ``natoms``
-    is kept symbolic, so size 1 neither specialises nor recompiles. Pickling and deepcopy
+    Only the atom, edge and structure counts are dynamic, the dimensions that
+    :func:`escn_train.inference.export.dynamic_shapes` gives ``torch.export``: the fixed
+    dimensions (3 coordinates, 2 edge endpoints) stay constants, which halves the traced
+    size arithmetic and the time spent tracing (large model, first training call: 75 s
+    against 46 s). A batch of one structure is the common inference case: the structure
+    count is unbacked, so size 1 neither specialises nor recompiles. Pickling and deepcopy
     drop the compiled callable (it supports neither); the next call compiles again.
     """
 
@@ -20,14 +25,20 @@ class CompiledForward:
 
     def __call__(
         self, forward: Callable[..., Any], pos: torch.Tensor, batch_idx: torch.Tensor, natoms: torch.Tensor,
-        *rest: torch.Tensor,
+        atomic_numbers: torch.Tensor, edge_index: torch.Tensor, edge_distance: torch.Tensor,
+        edge_distance_vec: torch.Tensor,
     ) -> Any:
         if self._compiled is None:
-            self._compiled = torch.compile(forward, dynamic=True)
+            self._compiled = torch.compile(forward)
         if natoms._base is not None:  # a view would be guarded through its base: mark a tensor of its own
             natoms = natoms.clone()
         torch._dynamo.decorators.mark_unbacked(natoms, 0)
-        return self._compiled(pos, batch_idx, natoms, *rest)
+        # maybe_: a graph of one atom or one edge specialises (and a later size recompiles
+        # once, dynamic) instead of failing.
+        for per_atom_or_edge in (pos, batch_idx, atomic_numbers, edge_distance, edge_distance_vec):
+            torch._dynamo.maybe_mark_dynamic(per_atom_or_edge, 0)
+        torch._dynamo.maybe_mark_dynamic(edge_index, 1)
+        return self._compiled(pos, batch_idx, natoms, atomic_numbers, edge_index, edge_distance, edge_distance_vec)
 
     def __getstate__(self) -> dict[str, Any]:
         return {"_compiled": None}
