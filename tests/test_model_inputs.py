@@ -146,7 +146,7 @@ def test_grid_silu_gradient_matches_autograd():
 def test_grid_silu_in_several_edge_blocks_is_bitwise_the_plain_expression(monkeypatch):
     from escn_train.models.fast import grid as escn
 
-    monkeypatch.setattr(escn, "GRID_BLOCK_FLOATS", 3 * 18 * 4)  # blocks of 3 edges, the last one short
+    monkeypatch.setattr(escn, "_block_floats", lambda: 3 * 18 * 4)  # blocks of 3 edges, the last one short
     gen = torch.Generator().manual_seed(2)
     y = torch.randn(10, 7, 4, generator=gen, requires_grad=True)
     to_grid, from_grid = torch.randn(18, 7, generator=gen), torch.randn(7, 18, generator=gen)
@@ -234,7 +234,7 @@ def test_grid_silu_operator_rotated_back_matches_its_plain_expressions(group_ato
     its Wigner-row gradient, against the plain expressions AOTInductor compiles."""
     from escn_train.models.fast import grid
 
-    monkeypatch.setattr(grid, "GRID_BLOCK_FLOATS", 2 * 18 * 4)  # blocks of one group (2 slots)
+    monkeypatch.setattr(grid, "_block_floats", lambda: 2 * 18 * 4)  # blocks of one group (2 slots)
     gen = torch.Generator().manual_seed(3)
     group_atom = None if group_atom is None else torch.tensor(group_atom)
     num_groups, size, num_atoms = (3 if group_atom is None else 5), 2, 3

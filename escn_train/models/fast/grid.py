@@ -30,10 +30,16 @@ if TYPE_CHECKING:  # loading an exported program imports this module: keep it li
 #: The operators this module registers, as exported programs and AOTI packages name them.
 GRID_OPERATORS = ("escn_train::grid_silu", "escn_train::grid_silu_backward")
 
-#: Grid values per block of the S2-grid stage: 512 KB, so each block's grid stays in a
-#: core's L2 cache between the projection, the SiLU and the projection back (measured on
-#: the bench batch: 2^16..2^17 best, 2^20 ~10% slower on the tiny configuration).
-GRID_BLOCK_FLOATS = 2**17
+#: Grid values per thread in a block of the S2-grid stage: 1 MB, so each thread's share of
+#: a block stays in its core's L2 cache between the projection, the SiLU and the projection
+#: back. A block holds one share per thread: blocks sized for one thread leave the second
+#: thread idle (bench batch, grid forward + backward at 2 threads, l3m1: 67 ms with blocks
+#: of 2^17 values, 51 ms with 2^19; at 1 thread 2^17..2^19 are equal and 2^20 is ~30%
+#: slower on the tiny configuration).
+GRID_BLOCK_FLOATS_PER_THREAD = 2**18
+#: At most this many threads' shares per block (a bound on the block's memory; more
+#: threads than this were not measured).
+GRID_BLOCK_MAX_THREADS = 16
 
 
 class RotationBack(NamedTuple):
@@ -79,10 +85,15 @@ def inline_operators(program: torch.export.ExportedProgram) -> torch.export.Expo
     return program.run_decompositions({torch.ops.escn_train.grid_silu.default: grid_silu_unblocked})
 
 
+def _block_floats() -> int:
+    """Grid values per block: one share per torch thread (read at each call)."""
+    return GRID_BLOCK_FLOATS_PER_THREAD * min(torch.get_num_threads(), GRID_BLOCK_MAX_THREADS)
+
+
 def _block_edges(to_grid: torch.Tensor, y: torch.Tensor, size: int) -> int:
     """Edges per block for grid values of ``to_grid.shape[0]`` points x ``y.shape[2]``
     channels, in whole groups of ``size`` slots."""
-    step = max(1, GRID_BLOCK_FLOATS // max(1, to_grid.shape[0] * y.shape[2]))
+    step = max(1, _block_floats() // max(1, to_grid.shape[0] * y.shape[2]))
     return max(1, step // size) * size
 
 
