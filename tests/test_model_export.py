@@ -137,6 +137,35 @@ def test_compile_matches_eager_without_recompiling():
     assert counters["stats"]["unique_graphs"] == 1
 
 
+
+def test_compile_traces_only_the_atom_edge_and_structure_counts_as_symbols(monkeypatch):
+    """compile=True keeps fixed dimensions (3 coordinates, 2 edge endpoints) and every
+    parameter's shape constant, as torch.export does, so the traced size arithmetic stays small."""
+    graphs = []
+
+    def capture(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: real_compile(fn, backend=capture, **kwargs))
+    torch._dynamo.reset()
+    model = build_model(NAME, compile=True)
+    with torch.no_grad():
+        model.forward(*_forward_args([0, 1, 2, 3]))
+    torch._dynamo.reset()
+    assert len(graphs) == 1
+    shapes = {node.name: node.meta["example_value"].shape for node in graphs[0].graph.nodes
+              if node.op == "placeholder" and isinstance(node.meta.get("example_value"), torch.Tensor)}
+    symbols = {str(d) for shape in shapes.values() for d in shape if isinstance(d, torch.SymInt)}
+    assert 2 <= len(symbols) <= 3, shapes  # atoms and edges (the structure count is a SymInt input)
+    assert [isinstance(d, torch.SymInt) for d in shapes["l_edge_distance_vec_"]] == [True, False]
+    assert [isinstance(d, torch.SymInt) for d in shapes["l_edge_index_"]] == [False, True]
+    assert isinstance(shapes["l_atomic_numbers_"][0], torch.SymInt)
+    parameters = [shape for name, shape in shapes.items() if name.startswith("l_self_")]
+    assert parameters and not any(isinstance(d, torch.SymInt) for shape in parameters for d in shape)
+
+
 @pytest.mark.slow
 def test_aot_inductor_package_runs_on_cpu(exported, tmp_path):
     _, program = exported
