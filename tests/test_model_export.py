@@ -137,7 +137,6 @@ def test_compile_matches_eager_without_recompiling():
     assert counters["stats"]["unique_graphs"] == 1
 
 
-
 def test_compile_traces_only_the_atom_edge_and_structure_counts_as_symbols(monkeypatch):
     """compile=True keeps fixed dimensions (3 coordinates, 2 edge endpoints) and every
     parameter's shape constant, as torch.export does, so the traced size arithmetic stays small."""

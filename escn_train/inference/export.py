@@ -42,6 +42,7 @@ import torch
 from torch.export import Dim
 
 from escn_train.graph import radius_graph_pbc
+from escn_train.models.compiled import FORWARD_DYNAMIC_DIMS
 from escn_train.models.fast.geometry import exporting_for_inductor
 from escn_train.models.fast.grid import GRID_OPERATORS, inline_operators
 from escn_train.inference.loading import (
@@ -65,8 +66,8 @@ TOLERANCE = {EXPORTED_PROGRAM: 1e-4, AOTI_PACKAGE: 1e-3}
 
 def dynamic_shapes() -> tuple[dict[int, Dim], ...]:
     """Dynamic dimensions of the seven forward arguments (atoms, edges, structures ≥ 1)."""
-    atoms, edges, structures = Dim("num_atoms", min=1), Dim("num_edges", min=1), Dim("num_structures", min=1)
-    return ({0: atoms}, {0: atoms}, {0: structures}, {0: atoms}, {1: edges}, {0: edges}, {0: edges})
+    counts = {name: Dim(f"num_{name}", min=1) for name in ("atoms", "edges", "structures")}
+    return tuple({dim: counts[count]} for dim, count in FORWARD_DYNAMIC_DIMS)
 
 
 def sample_structures(
