@@ -8,7 +8,14 @@ import torch
 from escn_train.models.fast import geometry as fast_geometry
 from escn_train.models.fast.geometry import build_geometry, order_rows_index
 from escn_train.models.fast.slots import EdgeGroups
-from escn_train.models.fast.so2 import _GroupedSO2, _forward, order_row_offsets, so2_terms
+from escn_train.models.fast.so2 import (
+    _GroupedSO2,
+    _forward,
+    _so2_operator_call,
+    _term_layout,
+    order_row_offsets,
+    so2_terms,
+)
 
 
 def _random_graph(num_atoms: int, num_edges: int, seed: int) -> torch.Tensor:
@@ -89,12 +96,30 @@ def test_grouped_so2_backward_passes_gradcheck(group_size, max_neighbors, monkey
     def grouped(*tensors):
         return _GroupedSO2.apply(geometry, terms, offsets, channels, *tensors)
 
+    def operator(x_edge, gate_weight, gate_bias, *tensors):
+        half = len(tensors) // 2
+        return _so2_operator_call(geometry, terms, offsets, channels, x_edge, gate_weight, gate_bias,
+                                  list(tensors[:half]), list(tensors[half:]))
+
     assert torch.autograd.gradcheck(grouped, inputs, fast_mode=True)
-    plain = _forward(geometry, terms, offsets, x_edge, gate_weight, gate_bias, tuple(projections), tuple(seconds), channels)
+    assert torch.autograd.gradcheck(operator, inputs, fast_mode=True)
+    rows = [geometry.rows[t.side][t.rows_key][t.order] for t in terms]
+    args = (geometry, terms, offsets, rows, x_edge, gate_weight, gate_bias, tuple(projections), tuple(seconds), channels)
+    plain = _forward(*args, in_place=False)
     with torch.no_grad():
-        in_place = _forward(geometry, terms, offsets, x_edge, gate_weight, gate_bias, tuple(projections), tuple(seconds), channels)
+        in_place = _forward(*args, in_place=True)
     torch.testing.assert_close(grouped(*inputs), plain, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(operator(*inputs), plain, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(in_place, plain, rtol=1e-12, atol=1e-12)
+    # The operator's registration (fake shapes, autograd, schema) as torch.library checks it.
+    source, target = geometry.groups
+    layout, flat_offsets = _term_layout(terms, offsets)
+    torch.library.opcheck(
+        torch.ops.escn_train.so2_stage.default,
+        (x_edge, gate_weight, gate_bias, projections, seconds, rows, source.group_atom, target.group_atom,
+         geometry.source_slot, geometry.target_slot, layout, flat_offsets, channels, source.size, target.size,
+         target.one_per_atom),
+    )
 
 
 def test_first_layer_skips_zero_orders_with_the_same_outputs_and_gradients():
@@ -126,10 +151,11 @@ def test_first_layer_skips_zero_orders_with_the_same_outputs_and_gradients():
 
 
 @pytest.mark.parametrize("lmax,mmax", [(1, 0), (3, 3), (6, 2)])
-@pytest.mark.parametrize("traced", [False, True], ids=["eager", "traced-form"])
-def test_fast_model_equals_the_reference_blocks_on_other_sizes(lmax, mmax, traced, monkeypatch):
+@pytest.mark.parametrize("form", ["eager", "traced-form", "compile-operator"])
+def test_fast_model_equals_the_reference_blocks_on_other_sizes(lmax, mmax, form, monkeypatch):
     """Configurations without fixtures (mmax = 0, mmax = lmax, lmax 6): the fast model (in
-    its eager form, and in the plain-operation form that export and compile trace) against
+    its eager form, in the plain-operation form that export traces, and with the SO(2)
+    stage as the operator that torch.compile calls) against
     the same model whose message blocks run the readable reference composition
     (MessageBlock.reference), in float64, with gradients."""
     from escn_train.graph import radius_graph_pbc
@@ -157,7 +183,9 @@ def test_fast_model_equals_the_reference_blocks_on_other_sizes(lmax, mmax, trace
         (energy.sum() + forces.square().sum()).backward()
         return energy, forces, [p.grad.clone() for p in model.parameters() if p.requires_grad]
 
-    if traced:
+    if form == "compile-operator":
+        monkeypatch.setattr(so2, "_compiling", lambda: True)
+    if form == "traced-form":
         for module in (fast_geometry, so2):
             monkeypatch.setattr(module, "_tracing", lambda: True)
         monkeypatch.setattr(so2, "_fusing", lambda: True)

@@ -8,7 +8,8 @@ One module per stage, in the order a forward pass uses them:
 - :mod:`.geometry`: the per-graph constants every layer shares (target-slot layout,
   padded Wigner rows);
 - :mod:`.distance`: the Gaussian distance expansion as narrow bands;
-- :mod:`.so2`: the SO(2) convolutions, first layer per atom, the rest per edge slot;
+- :mod:`.so2`: the SO(2) convolutions, first layer per atom, the rest per edge slot
+  (under ``torch.compile``, the custom operator ``escn_train::so2_stage``);
 - :mod:`.grid`: the S2-grid SiLU in cache-sized edge blocks, rotated back per atom (the
   custom operator ``escn_train::grid_silu``, so that traced code calls the same kernel);
 - :mod:`.message`: the entry point that composes them into a message block.

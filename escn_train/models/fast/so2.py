@@ -21,10 +21,13 @@ In eager training, :class:`_GroupedSO2` keeps only the edge features and the per
 for backward and recomputes the gates and the first-layer outputs there (a small GEMM and
 the grouped products), instead of storing several [E, hidden] tensors per term. Those
 intermediates, in forward and backward, are buffers kept between calls
-(:mod:`escn_train.models.workspace`): fresh ones would cost a page fault per 4 KB. Exported
-inference programs keep the in-place products (in fresh buffers); ``torch.compile`` traces the
-same expressions as plain differentiable operations, which Inductor fuses and whose backward
-AOTAutograd derives.
+(:mod:`escn_train.models.workspace`): fresh ones would cost a page fault per 4 KB.
+
+Code compiled by ``torch.compile`` calls the same computation, forward and recomputing
+backward, as one custom operator (``torch.ops.escn_train.so2_stage``), so that
+Inductor has no kernels to generate for it. Exported inference programs keep the in-place
+products (in fresh buffers); mixed precision runs the same expressions as plain
+differentiable operations under autocast.
 """
 
 from __future__ import annotations
@@ -36,7 +39,9 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from escn_train.models.fast.geometry import MessageGeometry, _fusing, _tracing
+from escn_train.models.fast.geometry import MessageGeometry, _compiling, _fusing, _tracing
+from escn_train.models.fast.slots import EdgeGroups
+from escn_train.models.workspace import Workspace
 from escn_train.precision import autocast_off, float32
 
 
@@ -201,22 +206,19 @@ def so2_stage(
 
 
 def _forward(
-    geometry: MessageGeometry, terms: list[Term], offsets: list[list[int]], x_edge: torch.Tensor,
-    gate_weight: torch.Tensor, gate_bias: torch.Tensor, projections: Sequence[torch.Tensor],
-    second_weights: Sequence[torch.Tensor], channels: int, reuse_output: bool = False,
+    geometry: MessageGeometry, terms: list[Term], offsets: list[list[int]], rows: Sequence[torch.Tensor],
+    x_edge: torch.Tensor, gate_weight: torch.Tensor, gate_bias: torch.Tensor, projections: Sequence[torch.Tensor],
+    second_weights: Sequence[torch.Tensor], channels: int, in_place: bool, reuse_output: bool = False,
 ) -> torch.Tensor:
     """:func:`so2_stage` with the first-layer outputs as grouped products of the per-atom
-    projections. Without autograd, the intermediates are workspace buffers, and with
-    ``reuse_output`` the output too (it is then valid until the next layer's)."""
-    # Exported programs keep the in-place products (no autograd graph to protect); code
-    # traced for Inductor gets the plain expressions, which it fuses.
-    in_place = not (torch.is_grad_enabled() or torch.is_autocast_enabled(x_edge.device.type) or _fusing())
+    projections (``rows[t]``: term t's padded Wigner rows). ``in_place`` (nothing records
+    autograd): the intermediates are workspace buffers, and with ``reuse_output`` the
+    output too (it is then valid until the next layer's)."""
 
     def hidden(t: int) -> torch.Tensor:
-        term = terms[t]
         # Rotations stay in float32 under autocast (as everywhere in the model).
         with autocast_off(x_edge):
-            return geometry.hidden(term.side, _term_rows(geometry, term), float32(projections[t]), in_place)
+            return geometry.hidden(terms[t].side, rows[t], float32(projections[t]), in_place)
 
     out = gate_buffer = None
     if in_place:
@@ -241,15 +243,63 @@ def _term_gate(
     return nn.functional.silu(pre, inplace=True)
 
 
+def _backward(
+    geometry: MessageGeometry, terms: list[Term], offsets: list[list[int]], rows: Sequence[torch.Tensor],
+    grad_y: torch.Tensor, x_edge: torch.Tensor, gate_weight: torch.Tensor, gate_bias: torch.Tensor,
+    projections: Sequence[torch.Tensor], second_weights: Sequence[torch.Tensor], x_edge_grad: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """Gradients of :func:`_forward` for x_edge (None unless ``x_edge_grad``), the gate
+    weights and biases, the projections and the second-layer weights, recomputing the gates
+    and the first-layer outputs. Every intermediate is a workspace buffer: fresh ones would
+    cost page faults."""
+    grad_x_edge = torch.zeros_like(x_edge) if x_edge_grad else None
+    grad_gate_weight = torch.empty_like(gate_weight)
+    grad_gate_bias = torch.empty_like(gate_bias)
+    grad_projections, grad_seconds = [], []
+
+    def buffer(name: str, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+        return geometry.scratch(name, tuple(shape), x_edge)
+
+    for term, term_rows, projection, second in zip(terms, rows, projections, second_weights):
+        hidden = geometry.hidden(term.side, term_rows, projection, reuse=True)
+        columns = term.gate_columns
+        gate_shape = (x_edge.shape[0], term.width)
+        pre = torch.addmm(gate_bias[columns], x_edge, gate_weight[columns].t(), out=buffer("gate_pre", gate_shape))
+        gate = torch.ops.aten.silu.out(pre, out=buffer("gate", gate_shape)).unsqueeze(1)
+        mixed = torch.mul(hidden, gate, out=buffer("mixed", hidden.shape))
+        grad_second = second.new_zeros(second.shape)
+        grad_mixed = buffer("grad_mixed", hidden.shape)
+        for sign in range(hidden.shape[1]):
+            grad_rows = _output_rows(grad_y, term, offsets, sign, second.shape[0])
+            grad_second.addmm_(grad_rows.t(), mixed[:, sign])
+            torch.mm(grad_rows, second, out=grad_mixed[:, sign])
+        grad_seconds.append(grad_second)
+        hidden.mul_(grad_mixed)
+        if hidden.shape[1] == 1:
+            grad_gate = hidden[:, 0]
+        else:
+            grad_gate = torch.sum(hidden, 1, out=buffer("grad_gate", gate_shape))
+        grad_pre = torch.ops.aten.silu_backward.grad_input(grad_gate, pre, grad_input=buffer("grad_pre", gate_shape))
+        if grad_x_edge is not None:
+            grad_x_edge.addmm_(grad_pre, gate_weight[columns])
+        torch.mm(grad_pre.t(), x_edge, out=grad_gate_weight[columns])
+        torch.sum(grad_pre, 0, out=grad_gate_bias[columns])
+        values = grad_mixed.mul_(gate)
+        grad_projections.append(geometry.sum_to_atoms(term.side, term_rows, values, projection.shape[0], reuse=True))
+    return grad_x_edge, grad_gate_weight, grad_gate_bias, grad_projections, grad_seconds
+
+
 class _GroupedSO2(torch.autograd.Function):
-    """:func:`_forward` whose backward recomputes the gates and the first-layer outputs."""
+    """:func:`_forward` whose backward (:func:`_backward`) recomputes the gates and the
+    first-layer outputs (eager training). As in the plain expressions' graph, the Wigner
+    rows get no gradient: they do not depend on any parameter."""
 
     @staticmethod
     def forward(geometry, terms, offsets, channels, x_edge, gate_weight, gate_bias, *tensors):  # type: ignore[override]
         half = len(tensors) // 2
-        return _forward(
-            geometry, terms, offsets, x_edge, gate_weight, gate_bias, tensors[:half], tensors[half:], channels
-        )
+        rows = [_term_rows(geometry, term) for term in terms]
+        return _forward(geometry, terms, offsets, rows, x_edge, gate_weight, gate_bias, tensors[:half],
+                        tensors[half:], channels, in_place=True)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: Any) -> None:
@@ -261,49 +311,144 @@ class _GroupedSO2(torch.autograd.Function):
     def backward(ctx: Any, grad_y: torch.Tensor) -> tuple:
         x_edge, gate_weight, gate_bias, *tensors = ctx.saved_tensors
         half = len(tensors) // 2
-        projections, second_weights = tensors[:half], tensors[half:]
-        geometry, terms, offsets = ctx.geometry, ctx.terms, ctx.offsets
-        grad_x_edge = torch.zeros_like(x_edge) if ctx.needs_input_grad[4] else None
-        grad_gate_weight = torch.empty_like(gate_weight)
-        grad_gate_bias = torch.empty_like(gate_bias)
-        grad_projections, grad_seconds = [], []
-
-        def buffer(name: str, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
-            return geometry.scratch(name, tuple(shape), x_edge)
-
-        # Every intermediate is a workspace buffer: fresh ones would cost page faults.
-        for term, projection, second in zip(terms, projections, second_weights):
-            rows = _term_rows(geometry, term)
-            hidden = geometry.hidden(term.side, rows, projection, reuse=True)
-            columns = term.gate_columns
-            gate_shape = (x_edge.shape[0], term.width)
-            pre = torch.addmm(gate_bias[columns], x_edge, gate_weight[columns].t(), out=buffer("gate_pre", gate_shape))
-            gate = torch.ops.aten.silu.out(pre, out=buffer("gate", gate_shape)).unsqueeze(1)
-            mixed = torch.mul(hidden, gate, out=buffer("mixed", hidden.shape))
-            grad_second = second.new_zeros(second.shape)
-            grad_mixed = buffer("grad_mixed", hidden.shape)
-            for sign in range(hidden.shape[1]):
-                grad_rows = _output_rows(grad_y, term, offsets, sign, second.shape[0])
-                grad_second.addmm_(grad_rows.t(), mixed[:, sign])
-                torch.mm(grad_rows, second, out=grad_mixed[:, sign])
-            grad_seconds.append(grad_second)
-            hidden.mul_(grad_mixed)
-            if hidden.shape[1] == 1:
-                grad_gate = hidden[:, 0]
-            else:
-                grad_gate = torch.sum(hidden, 1, out=buffer("grad_gate", gate_shape))
-            grad_pre = torch.ops.aten.silu_backward.grad_input(grad_gate, pre, grad_input=buffer("grad_pre", gate_shape))
-            if grad_x_edge is not None:
-                grad_x_edge.addmm_(grad_pre, gate_weight[columns])
-            torch.mm(grad_pre.t(), x_edge, out=grad_gate_weight[columns])
-            torch.sum(grad_pre, 0, out=grad_gate_bias[columns])
-            values = grad_mixed.mul_(gate)
-            grad_projections.append(geometry.sum_to_atoms(term.side, rows, values, projection.shape[0], reuse=True))
+        geometry, terms = ctx.geometry, ctx.terms
+        rows = [_term_rows(geometry, term) for term in terms]
+        grad_x_edge, grad_gate_weight, grad_gate_bias, grad_projections, grad_seconds = _backward(
+            geometry, terms, ctx.offsets, rows, grad_y, x_edge, gate_weight, gate_bias, tensors[:half],
+            tensors[half:], ctx.needs_input_grad[4],
+        )
         if not ctx.needs_input_grad[5]:
             grad_gate_weight = None
         if not ctx.needs_input_grad[6]:
             grad_gate_bias = None
         return (None, None, None, None, grad_x_edge, grad_gate_weight, grad_gate_bias, *grad_projections, *grad_seconds)
+
+
+# ---- The stage as one operator, for torch.compile ------------------------------------------
+# Traced as plain expressions, the stage is about half of the kernels Inductor generates and
+# compiles for a layer (its gates, concatenations and splits), each a g++ run of 1-2 s. As
+# one opaque operator, compiled code runs the stage exactly as eager training does, with
+# its recomputing backward, and the compile time of the first call drops accordingly.
+
+#: The operators this module registers.
+SO2_OPERATORS = ("escn_train::so2_stage", "escn_train::so2_stage_backward")
+#: The operators' intermediates (their outputs are always fresh tensors).
+_OPERATOR_WORKSPACE = Workspace()
+
+
+def _term_layout(terms: list[Term], offsets: list[list[int]]) -> tuple[list[int], list[int]]:
+    """``terms`` and ``offsets`` as the operators' integer lists."""
+    layout = [v for t in terms for v in (t.side, t.order, int(t.rows_key == "swapped"), t.gate_start, t.width)]
+    return layout, [v for row in offsets for v in row]
+
+
+def _unpack_layout(layout: list[int], flat_offsets: list[int]) -> tuple[list[Term], list[list[int]]]:
+    """The inverse of :func:`_term_layout`."""
+    terms = [
+        Term(side, order, "swapped" if swapped else "plain", gate_start, width)
+        for side, order, swapped, gate_start, width in zip(*[iter(layout)] * 5)
+    ]
+    mmax = (len(flat_offsets) - 2) // 2
+    offsets = [flat_offsets[:1]] + [flat_offsets[2 * m - 1 : 2 * m + 1] for m in range(1, mmax + 1)]
+    return terms, offsets + [flat_offsets[-1:]]
+
+
+def _operator_geometry(
+    source_group_atom: torch.Tensor, target_group_atom: torch.Tensor, source_slot: torch.Tensor,
+    target_slot: torch.Tensor, source_size: int, target_size: int, target_one_per_atom: bool,
+) -> MessageGeometry:
+    """The part of a :class:`MessageGeometry` the stage reads, from the operators' tensors."""
+    unused = source_slot.new_empty(0)
+    groups = (
+        EdgeGroups(unused, source_group_atom, source_size, source_group_atom.shape[0], False),
+        EdgeGroups(unused, target_group_atom, target_size, target_group_atom.shape[0], target_one_per_atom),
+    )
+    return MessageGeometry(groups, unused, source_slot, target_slot, ({}, {}), unused, _OPERATOR_WORKSPACE)
+
+
+@torch.library.custom_op("escn_train::so2_stage", mutates_args=())
+def _so2_stage_operator(
+    x_edge: torch.Tensor, gate_weight: torch.Tensor, gate_bias: torch.Tensor, projections: list[torch.Tensor],
+    second_weights: list[torch.Tensor], rows: list[torch.Tensor], source_group_atom: torch.Tensor,
+    target_group_atom: torch.Tensor, source_slot: torch.Tensor, target_slot: torch.Tensor, layout: list[int],
+    offsets: list[int], channels: int, source_size: int, target_size: int, target_one_per_atom: bool,
+) -> torch.Tensor:
+    """:func:`_forward` (``layout``, ``offsets``: :func:`_term_layout`)."""
+    geometry = _operator_geometry(source_group_atom, target_group_atom, source_slot, target_slot, source_size,
+                                  target_size, target_one_per_atom)
+    terms, row_offsets = _unpack_layout(layout, offsets)
+    return _forward(geometry, terms, row_offsets, rows, x_edge, gate_weight, gate_bias, projections, second_weights,
+                    channels, in_place=True)
+
+
+@_so2_stage_operator.register_fake
+def _(x_edge, gate_weight, gate_bias, projections, second_weights, rows, source_group_atom, target_group_atom,
+      source_slot, target_slot, layout, offsets, channels, source_size, target_size, target_one_per_atom):
+    return x_edge.new_empty(x_edge.shape[0], offsets[-1], channels)
+
+
+@torch.library.custom_op("escn_train::so2_stage_backward", mutates_args=())
+def _so2_stage_backward_operator(
+    grad_y: torch.Tensor, x_edge: torch.Tensor, gate_weight: torch.Tensor, gate_bias: torch.Tensor,
+    projections: list[torch.Tensor], second_weights: list[torch.Tensor], rows: list[torch.Tensor],
+    source_group_atom: torch.Tensor, target_group_atom: torch.Tensor, source_slot: torch.Tensor,
+    target_slot: torch.Tensor, layout: list[int], offsets: list[int], source_size: int, target_size: int,
+    target_one_per_atom: bool,
+) -> list[torch.Tensor]:
+    """:func:`_backward`: [x_edge, gate weight, gate bias, *projections, *second weights] gradients."""
+    geometry = _operator_geometry(source_group_atom, target_group_atom, source_slot, target_slot, source_size,
+                                  target_size, target_one_per_atom)
+    terms, row_offsets = _unpack_layout(layout, offsets)
+    grad_x_edge, grad_gate_weight, grad_gate_bias, grad_projections, grad_seconds = _backward(
+        geometry, terms, row_offsets, rows, grad_y, x_edge, gate_weight, gate_bias, projections, second_weights, True
+    )
+    return [grad_x_edge, grad_gate_weight, grad_gate_bias, *grad_projections, *grad_seconds]
+
+
+@_so2_stage_backward_operator.register_fake
+def _(grad_y, x_edge, gate_weight, gate_bias, projections, second_weights, rows, source_group_atom,
+      target_group_atom, source_slot, target_slot, layout, offsets, source_size, target_size, target_one_per_atom):
+    return [torch.empty_like(t) for t in (x_edge, gate_weight, gate_bias, *projections, *second_weights)]
+
+
+def _operator_setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+    x_edge, gate_weight, gate_bias, projections, second_weights, rows, *group_tensors = inputs[:10]
+    ctx.counts = (len(projections), len(rows))
+    ctx.constants = inputs[10:12] + inputs[13:]  # layout, offsets, source_size, target_size, target_one_per_atom
+    ctx.save_for_backward(x_edge, gate_weight, gate_bias, *projections, *second_weights, *rows, *group_tensors)
+
+
+def _operator_backward(ctx: Any, grad_y: torch.Tensor) -> tuple:
+    num_terms, num_rows = ctx.counts
+    x_edge, gate_weight, gate_bias, *rest = ctx.saved_tensors
+    projections, second_weights = rest[:num_terms], rest[num_terms : 2 * num_terms]
+    rows, group_tensors = rest[2 * num_terms : 2 * num_terms + num_rows], rest[2 * num_terms + num_rows :]
+    layout, offsets, source_size, target_size, one_per_atom = ctx.constants
+    grads = torch.ops.escn_train.so2_stage_backward(
+        grad_y.contiguous(), x_edge, gate_weight, gate_bias, list(projections), list(second_weights), list(rows),
+        *group_tensors, layout, offsets, source_size, target_size, one_per_atom,
+    )
+    grad_projections, grad_seconds = grads[3 : 3 + num_terms], grads[3 + num_terms :]
+    # The Wigner rows get no gradient, as in eager training (:class:`_GroupedSO2`).
+    return (grads[0], grads[1], grads[2], grad_projections, grad_seconds, [None] * num_rows) + (None,) * 10
+
+
+_so2_stage_operator.register_autograd(_operator_backward, setup_context=_operator_setup_context)
+
+
+def _so2_operator_call(
+    geometry: MessageGeometry, terms: list[Term], offsets: list[list[int]], channels: int, x_edge: torch.Tensor,
+    gate_weight: torch.Tensor, gate_bias: torch.Tensor, projections: list[torch.Tensor],
+    second_weights: list[torch.Tensor],
+) -> torch.Tensor:
+    """The stage through ``torch.ops.escn_train.so2_stage``."""
+    source, target = geometry.groups
+    layout, flat_offsets = _term_layout(terms, offsets)
+    return torch.ops.escn_train.so2_stage(
+        x_edge, gate_weight, gate_bias, list(projections), list(second_weights),
+        [_term_rows(geometry, term) for term in terms], source.group_atom, target.group_atom, geometry.source_slot,
+        geometry.target_slot, layout, flat_offsets, channels, source.size, target.size, target.one_per_atom,
+    )
 
 
 def grouped_so2(
@@ -322,16 +467,23 @@ def grouped_so2(
 
     ``offsets``: :func:`order_row_offsets`; ``projections``: :func:`first_layer_projections`;
     ``second_weights[t]``: [K_m, H]. Eager full-precision training uses the recomputing
-    autograd function; otherwise (inference, mixed precision, tracing) the same
-    expressions run under autograd as they are.
+    autograd function, and full-precision code compiled by ``torch.compile`` the same
+    computation as one operator; otherwise (eager inference, mixed precision, export)
+    the same expressions run under autograd as they are.
     """
-    recompute = torch.is_grad_enabled() and not (torch.is_autocast_enabled(x_edge.device.type) or _tracing())
-    if recompute:
+    autocast = torch.is_autocast_enabled(x_edge.device.type)
+    if _compiling() and not autocast:
+        return _so2_operator_call(
+            geometry, terms, offsets, channels, x_edge, gate_weight, gate_bias, projections, second_weights
+        )
+    grad = torch.is_grad_enabled()
+    if grad and not (autocast or _tracing()):
         return _GroupedSO2.apply(
             geometry, terms, offsets, channels, x_edge, gate_weight, gate_bias, *projections, *second_weights
         )
-    reuse = not torch.is_grad_enabled()  # the output is consumed before the next layer
-    return _forward(
-        geometry, terms, offsets, x_edge, gate_weight, gate_bias, tuple(projections), tuple(second_weights), channels,
-        reuse_output=reuse,
-    )
+    # Exported programs keep the in-place products (no autograd graph to protect); code
+    # traced for Inductor gets the plain expressions, which it fuses.
+    in_place = not (grad or autocast or _fusing())
+    rows = [_term_rows(geometry, term) for term in terms]
+    return _forward(geometry, terms, offsets, rows, x_edge, gate_weight, gate_bias, projections, second_weights,
+                    channels, in_place, reuse_output=not grad)
