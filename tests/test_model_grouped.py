@@ -257,3 +257,37 @@ def test_wigner_matrices_ignore_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         mixed = wigner(edge_frames(vectors))
     assert mixed.dtype == torch.float32 and torch.equal(mixed, plain)
+
+
+@pytest.mark.parametrize("lmax,mmax,degree_zero", [(2, 1, False), (3, 3, False), (4, 2, True)])
+def test_first_layer_operator_equals_the_plain_projections_with_gradients(lmax, mmax, degree_zero):
+    """The operator torch.compile calls for the per-atom first layer: same outputs as
+    first_layer_projections, its hand-written backward against finite differences and
+    against autograd of the plain expressions, and its registration (opcheck)."""
+    from escn_train.models.fast.so2 import first_layer_projections, select_terms
+
+    gen = torch.Generator().manual_seed(lmax + 7 * mmax)
+    hidden, channels, atoms = 3, 2, 5
+    terms = so2_terms(hidden, mmax)
+    if degree_zero:
+        terms = select_terms(terms, orders=(0,))
+    orders = [t.order for t in terms]
+    x = torch.randn(atoms, (lmax + 1) ** 2, channels, dtype=torch.float64, generator=gen, requires_grad=True)
+    weights = [torch.randn(hidden, lmax - m + 1, channels, dtype=torch.float64, generator=gen, requires_grad=True)
+               for m in orders]
+
+    def operator(x, *weights):
+        return tuple(torch.ops.escn_train.first_layer(x, list(weights), orders))
+
+    def plain(x, *weights):
+        return tuple(first_layer_projections(x, list(weights), orders))
+
+    for a, b in zip(operator(x, *weights), plain(x, *weights), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert torch.autograd.gradcheck(operator, (x, *weights), fast_mode=True)
+    cotangents = [torch.randn(p.shape, dtype=torch.float64, generator=gen) for p in plain(x, *weights)]
+    ours = torch.autograd.grad(operator(x, *weights), (x, *weights), cotangents)
+    expected = torch.autograd.grad(plain(x, *weights), (x, *weights), cotangents)
+    for a, b in zip(ours, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    torch.library.opcheck(torch.ops.escn_train.first_layer.default, (x, weights, orders))

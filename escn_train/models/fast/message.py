@@ -4,8 +4,7 @@ Computes what :class:`escn_train.models.escn.MessageBlock`'s reference compositi
 (rotate into the edge frame, SO(2) blocks of source and target, SiLU on the S2 grid,
 rotate back, sum into the targets) as its stages:
 
-1. :func:`escn_train.models.fast.so2.first_layer_projections`: the first SO(2) layers per
-   atom;
+1. :func:`escn_train.models.fast.so2.first_layer`: the first SO(2) layers per atom;
 2. :func:`escn_train.models.fast.so2.grouped_so2`: per edge, the Wigner-row contraction,
    gates and second layers, in the target-slot layout (:mod:`.geometry`);
 3. :func:`escn_train.models.fast.grid.grid_silu`: the S2-grid SiLU, rotated back and
@@ -26,7 +25,7 @@ from escn_train.models.fast.grid import RotationBack, grid_silu
 from escn_train.models.fast.so2 import (
     Term,
     TermParameters,
-    first_layer_projections,
+    first_layer,
     grouped_so2,
     order_row_offsets,
     select_terms,
@@ -103,7 +102,7 @@ def message(
     )
     terms = block.terms_degree_zero if degree_zero_input else block.terms
     params = [_term_parameters(block, t) for t in terms]
-    projections = first_layer_projections(x, [p.first for p in params], [t.order for t in terms])
+    projections = first_layer(x, [p.first for p in params], [t.order for t in terms])
     if degree_zero_input and torch.is_grad_enabled():
         blocks = (block.so2_block_source, block.so2_block_target)
         skipped = [p for b in blocks for conv in b.so2_conv for p in conv.parameters() if p.requires_grad]

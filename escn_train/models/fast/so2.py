@@ -138,6 +138,80 @@ def first_layer_projections(x: torch.Tensor, first_weights: list[torch.Tensor], 
     return [p[0] if len(p) == 1 else torch.cat(p, dim=1) for p in pieces]
 
 
+def _first_layer_backward(
+    grads: Sequence[torch.Tensor], x: torch.Tensor, first_weights: Sequence[torch.Tensor], orders: Sequence[int]
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Gradients of :func:`first_layer_projections` for ``x`` and each first weight, given
+    each term's output gradient [N, K_m, H], one GEMM pair per degree as in the forward."""
+    lmax = int(round(x.shape[1] ** 0.5)) - 1
+    grad_x = torch.empty_like(x)
+    grad_weights = [torch.empty_like(w) for w in first_weights]
+    for l in range(lmax + 1):
+        active = [t for t, m in enumerate(orders) if m <= l]
+        stacked = torch.cat([first_weights[t][:, l - orders[t]] for t in active])
+        # Degree l's rows in term t's output start after its degrees m..l-1: l^2 - m^2.
+        grad_degree = torch.cat(
+            [grads[t][:, l * l - orders[t] ** 2 : (l + 1) ** 2 - orders[t] ** 2] for t in active], dim=-1
+        ).reshape(-1, stacked.shape[0])
+        coefficients = x[:, l * l : (l + 1) ** 2].reshape(-1, x.shape[2])
+        grad_x[:, l * l : (l + 1) ** 2] = torch.mm(grad_degree, stacked).view(x.shape[0], 2 * l + 1, x.shape[2])
+        grad_stacked = torch.mm(grad_degree.t(), coefficients)
+        for t, piece in zip(active, grad_stacked.split([first_weights[t].shape[0] for t in active])):
+            grad_weights[t][:, l - orders[t]] = piece
+    return grad_x, grad_weights
+
+
+@torch.library.custom_op("escn_train::first_layer", mutates_args=())
+def _first_layer_operator(x: torch.Tensor, first_weights: list[torch.Tensor], orders: list[int]) -> list[torch.Tensor]:
+    """:func:`first_layer_projections` as one operator (each output its own tensor)."""
+    return [p.contiguous() for p in first_layer_projections(x, first_weights, orders)]
+
+
+@_first_layer_operator.register_fake
+def _(x, first_weights, orders):
+    return [x.new_empty(x.shape[0], x.shape[1] - m * m, w.shape[0]) for w, m in zip(first_weights, orders)]
+
+
+@torch.library.custom_op("escn_train::first_layer_backward", mutates_args=())
+def _first_layer_backward_operator(
+    grads: list[torch.Tensor], x: torch.Tensor, first_weights: list[torch.Tensor], orders: list[int]
+) -> list[torch.Tensor]:
+    """:func:`_first_layer_backward`: [x, *first weights] gradients."""
+    grad_x, grad_weights = _first_layer_backward(grads, x, first_weights, orders)
+    return [grad_x, *grad_weights]
+
+
+@_first_layer_backward_operator.register_fake
+def _(grads, x, first_weights, orders):
+    return [torch.empty_like(x), *(torch.empty_like(w) for w in first_weights)]
+
+
+def _first_layer_setup_context(ctx: Any, inputs: tuple, output: Any) -> None:
+    x, first_weights, orders = inputs
+    ctx.orders = orders
+    ctx.save_for_backward(x, *first_weights)
+
+
+def _first_layer_operator_backward(ctx: Any, grads: list[torch.Tensor]) -> tuple:
+    x, *first_weights = ctx.saved_tensors
+    grads = [g if g is not None else x.new_zeros(x.shape[0], x.shape[1] - m * m, w.shape[0])
+             for g, w, m in zip(grads, first_weights, ctx.orders)]
+    out = torch.ops.escn_train.first_layer_backward([g.contiguous() for g in grads], x, first_weights, ctx.orders)
+    return out[0], list(out[1:]), None
+
+
+_first_layer_operator.register_autograd(_first_layer_operator_backward, setup_context=_first_layer_setup_context)
+
+
+def first_layer(x: torch.Tensor, first_weights: list[torch.Tensor], orders: list[int]) -> list[torch.Tensor]:
+    """:func:`first_layer_projections`; full-precision code compiled by ``torch.compile``
+    calls it as one operator (Inductor would generate a dozen kernels for its weight
+    concatenations and splits, forward and backward)."""
+    if _compiling() and not torch.is_autocast_enabled(x.device.type):
+        return list(torch.ops.escn_train.first_layer(x, list(first_weights), list(orders)))
+    return first_layer_projections(x, first_weights, orders)
+
+
 def _term_rows(geometry: MessageGeometry, term: Term) -> torch.Tensor:
     return geometry.rows[term.side][term.rows_key][term.order]
 
@@ -331,7 +405,8 @@ class _GroupedSO2(torch.autograd.Function):
 # its recomputing backward, and the compile time of the first call drops accordingly.
 
 #: The operators this module registers.
-SO2_OPERATORS = ("escn_train::so2_stage", "escn_train::so2_stage_backward")
+SO2_OPERATORS = ("escn_train::first_layer", "escn_train::first_layer_backward", "escn_train::so2_stage",
+                 "escn_train::so2_stage_backward")
 #: The operators' intermediates (their outputs are always fresh tensors).
 _OPERATOR_WORKSPACE = Workspace()
 
