@@ -120,6 +120,15 @@ def with_zero_gradients(x: torch.Tensor, params: list[torch.Tensor]) -> torch.Te
     return _ZeroGradients.apply(x, *params) if params else x
 
 
+def _degree_weights(
+    first_weights: Sequence[torch.Tensor], orders: Sequence[int], l: int
+) -> tuple[list[int], torch.Tensor]:
+    """The terms that read degree ``l`` (order m <= l) and their maps of that degree stacked,
+    [sum of their H, C]: one GEMM serves them all."""
+    active = [t for t, m in enumerate(orders) if m <= l]
+    return active, torch.cat([first_weights[t][:, l - orders[t]] for t in active])
+
+
 def first_layer_projections(x: torch.Tensor, first_weights: list[torch.Tensor], orders: list[int]) -> list[torch.Tensor]:
     """Each term's first layer applied per atom: [N, (lmax+1)^2, C] -> [N, K_m, H] per term.
 
@@ -129,8 +138,7 @@ def first_layer_projections(x: torch.Tensor, first_weights: list[torch.Tensor], 
     lmax = int(round(x.shape[1] ** 0.5)) - 1
     pieces: list[list[torch.Tensor]] = [[] for _ in first_weights]
     for l in range(lmax + 1):
-        active = [t for t, m in enumerate(orders) if m <= l]
-        stacked = torch.cat([first_weights[t][:, l - orders[t]] for t in active])
+        active, stacked = _degree_weights(first_weights, orders, l)
         coefficients = x[:, l * l : (l + 1) ** 2].reshape(-1, x.shape[2])  # one GEMM, not a batch
         per_degree = torch.mm(coefficients, stacked.t()).view(x.shape[0], 2 * l + 1, stacked.shape[0])
         for t, piece in zip(active, per_degree.split([first_weights[t].shape[0] for t in active], dim=-1)):
@@ -147,8 +155,7 @@ def _first_layer_backward(
     grad_x = torch.empty_like(x)
     grad_weights = [torch.empty_like(w) for w in first_weights]
     for l in range(lmax + 1):
-        active = [t for t, m in enumerate(orders) if m <= l]
-        stacked = torch.cat([first_weights[t][:, l - orders[t]] for t in active])
+        active, stacked = _degree_weights(first_weights, orders, l)
         # Degree l's rows in term t's output start after its degrees m..l-1: l^2 - m^2.
         grad_degree = torch.cat(
             [grads[t][:, l * l - orders[t] ** 2 : (l + 1) ** 2 - orders[t] ** 2] for t in active], dim=-1
@@ -203,17 +210,24 @@ def _first_layer_operator_backward(ctx: Any, grads: list[torch.Tensor]) -> tuple
 _first_layer_operator.register_autograd(_first_layer_operator_backward, setup_context=_first_layer_setup_context)
 
 
+def _calls_operators(like: torch.Tensor) -> bool:
+    """Code compiled by ``torch.compile`` in full precision: it calls this module's stages
+    as operators (under autocast they stay plain expressions)."""
+    return _compiling() and not torch.is_autocast_enabled(like.device.type)
+
+
 def first_layer(x: torch.Tensor, first_weights: list[torch.Tensor], orders: list[int]) -> list[torch.Tensor]:
     """:func:`first_layer_projections`; full-precision code compiled by ``torch.compile``
     calls it as one operator (Inductor would generate a dozen kernels for its weight
     concatenations and splits, forward and backward)."""
-    if _compiling() and not torch.is_autocast_enabled(x.device.type):
+    if _calls_operators(x):
         return list(torch.ops.escn_train.first_layer(x, list(first_weights), list(orders)))
     return first_layer_projections(x, first_weights, orders)
 
 
-def _term_rows(geometry: MessageGeometry, term: Term) -> torch.Tensor:
-    return geometry.rows[term.side][term.rows_key][term.order]
+def _terms_rows(geometry: MessageGeometry, terms: list[Term]) -> list[torch.Tensor]:
+    """Each term's padded Wigner rows."""
+    return [geometry.rows[term.side][term.rows_key][term.order] for term in terms]
 
 
 def order_row_offsets(lmax: int, mmax: int) -> list[list[int]]:
@@ -371,7 +385,7 @@ class _GroupedSO2(torch.autograd.Function):
     @staticmethod
     def forward(geometry, terms, offsets, channels, x_edge, gate_weight, gate_bias, *tensors):  # type: ignore[override]
         half = len(tensors) // 2
-        rows = [_term_rows(geometry, term) for term in terms]
+        rows = _terms_rows(geometry, terms)
         return _forward(geometry, terms, offsets, rows, x_edge, gate_weight, gate_bias, tensors[:half],
                         tensors[half:], channels, in_place=True)
 
@@ -386,7 +400,7 @@ class _GroupedSO2(torch.autograd.Function):
         x_edge, gate_weight, gate_bias, *tensors = ctx.saved_tensors
         half = len(tensors) // 2
         geometry, terms = ctx.geometry, ctx.terms
-        rows = [_term_rows(geometry, term) for term in terms]
+        rows = _terms_rows(geometry, terms)
         grad_x_edge, grad_gate_weight, grad_gate_bias, grad_projections, grad_seconds = _backward(
             geometry, terms, ctx.offsets, rows, grad_y, x_edge, gate_weight, gate_bias, tensors[:half],
             tensors[half:], ctx.needs_input_grad[4],
@@ -521,7 +535,7 @@ def _so2_operator_call(
     layout, flat_offsets = _term_layout(terms, offsets)
     return torch.ops.escn_train.so2_stage(
         x_edge, gate_weight, gate_bias, list(projections), list(second_weights),
-        [_term_rows(geometry, term) for term in terms], source.group_atom, target.group_atom, geometry.source_slot,
+        _terms_rows(geometry, terms), source.group_atom, target.group_atom, geometry.source_slot,
         geometry.target_slot, layout, flat_offsets, channels, source.size, target.size, target.one_per_atom,
     )
 
@@ -546,12 +560,11 @@ def grouped_so2(
     computation as one operator; otherwise (eager inference, mixed precision, export)
     the same expressions run under autograd as they are.
     """
-    autocast = torch.is_autocast_enabled(x_edge.device.type)
-    if _compiling() and not autocast:
+    if _calls_operators(x_edge):
         return _so2_operator_call(
             geometry, terms, offsets, channels, x_edge, gate_weight, gate_bias, projections, second_weights
         )
-    grad = torch.is_grad_enabled()
+    grad, autocast = torch.is_grad_enabled(), torch.is_autocast_enabled(x_edge.device.type)
     if grad and not (autocast or _tracing()):
         return _GroupedSO2.apply(
             geometry, terms, offsets, channels, x_edge, gate_weight, gate_bias, *projections, *second_weights
@@ -559,6 +572,6 @@ def grouped_so2(
     # Exported programs keep the in-place products (no autograd graph to protect); code
     # traced for Inductor gets the plain expressions, which it fuses.
     in_place = not (grad or autocast or _fusing())
-    rows = [_term_rows(geometry, term) for term in terms]
+    rows = _terms_rows(geometry, terms)
     return _forward(geometry, terms, offsets, rows, x_edge, gate_weight, gate_bias, projections, second_weights,
                     channels, in_place, reuse_output=not grad)
