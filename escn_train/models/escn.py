@@ -131,20 +131,13 @@ class eSCN(nn.Module):  # noqa: N801 - the reference's public name
         range, finite positions, no zero-length edge); those checks are skipped while
         tracing for ``torch.export`` or ``torch.compile``.
         """
-        args = (pos, batch_idx, natoms, atomic_numbers, edge_index, edge_distance, edge_distance_vec)
-        if _tracing():
-            return self._forward_impl(*args)
-        if self.check_inputs:
-            check_graph_inputs(pos, atomic_numbers, edge_index, edge_distance, edge_distance_vec,
-                               self.max_num_elements, self.max_neighbors)
-        if self.compile:
-            return self._compiled_forward(self._forward_impl, *args)
-        return self._forward_impl(*args)
-
-    def _forward_impl(
-        self, pos: torch.Tensor, batch_idx: torch.Tensor, natoms: torch.Tensor, atomic_numbers: torch.Tensor,
-        edge_index: torch.Tensor, edge_distance: torch.Tensor, edge_distance_vec: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not _tracing():
+            if self.check_inputs:
+                check_graph_inputs(pos, atomic_numbers, edge_index, edge_distance, edge_distance_vec,
+                                   self.max_num_elements, self.max_neighbors)
+            if self.compile:
+                return self._compiled_forward(
+                    self, pos, batch_idx, natoms, atomic_numbers, edge_index, edge_distance, edge_distance_vec)
         edge_rot_mat = edge_frames(edge_distance_vec, self.random_frames)
         return self.forward_with_frames(batch_idx, natoms, atomic_numbers, edge_index, edge_distance, edge_rot_mat)
 
@@ -161,18 +154,30 @@ class eSCN(nn.Module):  # noqa: N801 - the reference's public name
         edge_rot_mat: torch.Tensor,
     ) -> torch.Tensor:
         """Spherical node features after the last layer, [N, (lmax+1)^2, C]."""
-        atomic_numbers = atomic_numbers.to(torch.long)
+        constants = self.graph_constants(edge_index, edge_distance, edge_rot_mat, atomic_numbers.shape[0])
+        return self.message_passing(atomic_numbers, edge_index, edge_distance, *constants)
+
+    def graph_constants(
+        self, edge_index: torch.Tensor, edge_distance: torch.Tensor, edge_rot_mat: torch.Tensor, num_atoms: int,
+    ) -> tuple[torch.Tensor, MessageGeometry | None, torch.Tensor | DistanceBands | None]:
+        """What every layer shares: the Wigner matrices and, given edges, the fast stages'
+        geometry and the distance expansion per target slot (None and None without)."""
         wigner = self.wigner(edge_rot_mat)
-        num_atoms = atomic_numbers.shape[0]
-        x = torch.zeros(num_atoms, self.sph_feature_size, self.sphere_channels,
+        if not self.layer_blocks or edge_index.shape[1] == 0:
+            return wigner, None, None
+        message_block = self.layer_blocks[0].message_block
+        geometry = message_block.geometry(wigner, edge_index, num_atoms, self.max_neighbors, self.workspace)
+        return wigner, geometry, expand_distances(self.distance_expansion, edge_distance[geometry.slot_edge])
+
+    def message_passing(
+        self, atomic_numbers: torch.Tensor, edge_index: torch.Tensor, edge_distance: torch.Tensor,
+        wigner: torch.Tensor, geometry: MessageGeometry | None, expanded_distance: torch.Tensor | DistanceBands | None,
+    ) -> torch.Tensor:
+        """The layers, given :meth:`graph_constants`: node features [N, (lmax+1)^2, C]."""
+        atomic_numbers = atomic_numbers.to(torch.long)
+        x = torch.zeros(atomic_numbers.shape[0], self.sph_feature_size, self.sphere_channels,
                         dtype=self.sphere_embedding.weight.dtype, device=atomic_numbers.device)
         x[:, 0, :] = self.sphere_embedding(atomic_numbers)
-        geometry = expanded_distance = None
-        if self.layer_blocks and edge_index.shape[1] > 0:
-            message_block = self.layer_blocks[0].message_block
-            geometry = message_block.geometry(wigner, edge_index, num_atoms, self.max_neighbors, self.workspace)
-            # Shared by every layer, per target slot.
-            expanded_distance = expand_distances(self.distance_expansion, edge_distance[geometry.slot_edge])
         for i, layer in enumerate(self.layer_blocks):
             if i > 0 and _compiling():  # one nested compile region serves every later layer
                 update = compiled_layer(layer, x, atomic_numbers, edge_distance, edge_index, wigner,

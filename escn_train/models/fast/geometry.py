@@ -84,6 +84,29 @@ class MessageGeometry:
     def num_slots(self) -> int:
         return self.groups[1].num_slots
 
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor of the geometry, in the order :meth:`from_tensors` reads them."""
+        source, target = self.groups
+        rows = [r for side in self.rows for r in (*side["plain"], *side["swapped"][1:])]
+        return [source.slot, source.group_atom, target.slot, target.group_atom, self.slot_edge, self.source_slot,
+                self.target_slot, self.back_rows, *rows]
+
+    @staticmethod
+    def from_tensors(
+        tensors: list[torch.Tensor], sizes: tuple[int, int], target_one_per_atom: bool, workspace: Workspace
+    ) -> MessageGeometry:
+        """The geometry of :meth:`tensors`, with the groups' ``sizes`` (source, target); every
+        count follows from the tensors' shapes."""
+        source_edges, source_atom, target_edges, target_atom, slot_edge, source_slot, target_slot, back_rows, *rows = (
+            tensors)
+        groups = (EdgeGroups(source_edges, source_atom, sizes[0], source_atom.shape[0], False),
+                  EdgeGroups(target_edges, target_atom, sizes[1], target_atom.shape[0], target_one_per_atom))
+        per_side = len(rows) // 2
+        orders = (per_side + 1) // 2
+        sides = tuple({"plain": rows[i:i + orders], "swapped": [None, *rows[i + orders:i + per_side]]}
+                      for i in (0, per_side))
+        return MessageGeometry(groups, slot_edge, source_slot, target_slot, sides, back_rows, workspace)
+
     def hidden(self, side: int, rows: torch.Tensor, per_atom: torch.Tensor, reuse: bool = False) -> torch.Tensor:
         """rows_e @ per_atom[atom of e on ``side``] in the target-slot layout, [slots, r, W]
         (with ``reuse``, in workspace buffers)."""
