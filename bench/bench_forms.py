@@ -53,11 +53,16 @@ def main(argv: list[str] | None = None) -> int:
 
         import contextlib
 
-        try:  # as escn-export traces and compiles AOTI packages (older commits: plain export)
-            from escn_train.models.fast.geometry import exporting_for_inductor
-            from escn_train.models.fast.grid import inline_operators
+        try:  # as escn-export traces and compiles AOTI packages (older commits: other modules, or plain export)
+            from escn_train.models.fast.operators import inline_operators
+
+            exporting_for_inductor = contextlib.nullcontext
         except ImportError:
-            exporting_for_inductor, inline_operators = contextlib.nullcontext, lambda program: program
+            try:
+                from escn_train.models.fast.geometry import exporting_for_inductor
+                from escn_train.models.fast.grid import inline_operators
+            except ImportError:
+                exporting_for_inductor, inline_operators = contextlib.nullcontext, lambda program: program
         with torch.no_grad(), exporting_for_inductor() if args.form.startswith("aoti") else contextlib.nullcontext():
             program = torch.export.export(model, inputs, dynamic_shapes=dynamic_shapes())
         call = program.module()

@@ -54,6 +54,10 @@ print(json.dumps({"kind": predictor.kind, "info": predictor.info.model, "results
 """
 
 
+OPERATOR_MODULES = ["escn_train.models", "escn_train.models.fast", "escn_train.models.fast.geometry",
+                    "escn_train.models.fast.grid", "escn_train.models.fast.operators", "escn_train.models.fast.slots",
+                    "escn_train.models.fast.so2", "escn_train.models.workspace"]
+
 def potential() -> ESCNPotential:
     refs = torch.zeros(90)
     refs[[1, 6, 8, 29, 47, 78]] = torch.tensor([-3.4, -7.2, -4.9, -3.7, -2.8, -6.1])
@@ -126,9 +130,9 @@ def test_exported_program_reproduces_eager_without_training_code(checkpoint, tmp
 
     cases = _cases()
     out = run_loader(path, tmp_path, cases)
-    # Only the module that registers the program's operators, none of the model's code.
+    # Only the modules that register the program's operators, not the model itself.
     assert out["kind"] == "exported_program"
-    assert out["loaded"] == ["escn_train.models", "escn_train.models.fast", "escn_train.models.fast.grid"]
+    assert out["loaded"] == OPERATOR_MODULES
     assert len(out["results"]) == len(cases) == 6
     for r in out["results"]:
         # float32 round-off of per-edge (program) vs per-group (eager) sums; see TOLERANCE
@@ -177,22 +181,21 @@ def aoti_package(request, checkpoint, tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_aoti_package_reproduces_eager_without_training_code(aoti_package, tmp_path):
-    from escn_train.models.fast.grid import GRID_OPERATORS
+    from escn_train.models.fast.operators import OPERATORS
 
     meta = aoti_package_metadata(aoti_package)
     assert meta["AOTI_DEVICE_KEY"] == "cpu"
     standalone = aoti_package.parent.name.startswith("aoti_standalone")
     document = json.loads(meta[METADATA_KEY])
     assert document["max_neighbors"] == 20
-    assert document["operators"] == ([] if standalone else list(GRID_OPERATORS))
+    assert document["operators"] == ([] if standalone else list(OPERATORS))
     with zipfile.ZipFile(aoti_package) as archive:
         assert any(n.endswith(".so") for n in archive.namelist())
 
     cases = _cases()
     out = run_loader(aoti_package, tmp_path, cases)
-    # A standalone package loads no model code at all; the default one only the operator's module.
-    grid_modules = ["escn_train.models", "escn_train.models.fast", "escn_train.models.fast.grid"]
-    assert out["kind"] == "aoti_package" and out["loaded"] == ([] if standalone else grid_modules)
+    # A standalone package loads no model code at all; the default one only the operators' modules.
+    assert out["kind"] == "aoti_package" and out["loaded"] == ([] if standalone else OPERATOR_MODULES)
     fixture = load_fixture(NAME)
     # Compiled kernels reorder float32 sums: the fixture's intrinsic round-off bound (as in
     # test_model_export), in physical units, plus float32 rounding of the energy offsets.
@@ -216,7 +219,9 @@ def test_aoti_package_calling_an_unknown_operator_is_a_clear_error(aoti_package,
                 data = json.dumps(meta).encode()
             target.writestr(item, data)
     with pytest.raises(ValueError, match=r"escn\.aoti\.pt2: AOTInductor package calls operators this escn-train does "
-                       r"not provide: other::op; expected only escn_train::grid_silu, escn_train::grid_silu_backward"):
+                       r"not provide: other::op; expected only escn_train::grid_silu, escn_train::grid_silu_backward, "
+                       r"escn_train::first_layer, escn_train::first_layer_backward, escn_train::so2_stage, "
+                       r"escn_train::so2_stage_backward \(export it again with this version\)$"):
         load_predictor(edited, "cpu", trusted=True)
 
 

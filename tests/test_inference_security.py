@@ -117,7 +117,7 @@ def test_the_crafted_files_do_run_code_in_plain_torch(evil_files, tmp_path):
     (with the package's operators registered, as any loader of these programs has them)."""
     script = (
         "import sys, torch\n"
-        "import escn_train.models.fast.grid\n"
+        "import escn_train.models.fast.operators\n"
         "for path in sys.argv[1:]:\n"
         "    try:\n"
         "        program = torch.export.load(path)\n"
@@ -325,3 +325,12 @@ def _structures(folder: Path) -> Path:
     if not path.exists():
         write(path, [bulk("Cu", cubic=True)])
     return path
+
+
+def test_the_archive_check_allows_every_operator_of_the_fast_stages_and_no_other():
+    """The check names the operators itself (it imports no model code): the same list."""
+    from escn_train.inference.archive_check import PYTHON_TARGETS
+    from escn_train.models.fast.operators import OPERATORS
+
+    ours = {t for t in PYTHON_TARGETS if t.startswith("torch.ops.escn_train.")}
+    assert ours == {"torch.ops." + name.replace("::", ".") + ".default" for name in OPERATORS}

@@ -68,10 +68,12 @@ GUARD_MODULE_CONSTANTS = {"math": frozenset({"inf", "nan"})}
 TENSOR_METHODS = frozenset({"size", "stride", "storage_offset", "numel", "dim"})
 
 #: Operators a graph node may call: aten/prims overloads, this package's own operators
-#: (:mod:`escn_train.models.fast.grid`), and a few Python ones.
+#: (:data:`escn_train.models.fast.operators.OPERATORS`, named here so that this check imports
+#: no model code), and a few Python ones.
 OPERATOR_TARGET = re.compile(r"torch\.ops\.(aten|prims)\.(?!__)[A-Za-z0-9_]+\.[A-Za-z][A-Za-z0-9_]*")
 PYTHON_TARGETS = frozenset(
-    ["torch.ops.escn_train." + n + ".default" for n in ("grid_silu", "grid_silu_backward")] +
+    ["torch.ops.escn_train." + n + ".default" for n in (
+        "grid_silu", "grid_silu_backward", "first_layer", "first_layer_backward", "so2_stage", "so2_stage_backward")] +
     ["_operator." + n for n in "getitem add sub mul floordiv truediv mod neg pow eq ne lt le gt ge and_ or_ not_".split()]
     + ["torch." + n for n in "sym_float sym_int sym_max sym_min sym_not sym_ite sym_sqrt _sym_sqrt".split()]
     + ["math." + n for n in "ceil floor trunc sqrt".split()]

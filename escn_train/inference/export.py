@@ -13,9 +13,9 @@ max_neighbors, max_num_elements, normalisers, units, source checkpoint, weights 
 * ``NAME.pt2``: ``torch.export.save`` archive, the JSON as an extra file. Device-portable.
 * ``NAME.aoti.pt2``: AOTInductor package compiled for one device type, the JSON in the
   package metadata (``aot_inductor.metadata``), readable without loading the library. It
-  calls the blocked S2-grid operator as eager code does (Python registers it:
-  ``import escn_train.models.fast.grid``); ``--aoti-standalone`` compiles the operator's
-  plain expressions in instead, for loaders without Python.
+  calls the fast stages' operators as eager code runs them (Python registers them:
+  ``import escn_train.models.fast.operators``); ``--aoti-standalone`` compiles their plain
+  expressions in instead, for loaders without Python.
 
 Both load with :func:`escn_train.inference.loading.load_predictor` (no Lightning needed),
 with ``trusted=True``: they are code.
@@ -30,7 +30,6 @@ Example::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import json
 import sys
@@ -43,8 +42,7 @@ from torch.export import Dim
 
 from escn_train.graph import radius_graph_pbc
 from escn_train.models.compiled import FORWARD_DYNAMIC_DIMS
-from escn_train.models.fast.geometry import exporting_for_inductor
-from escn_train.models.fast.grid import GRID_OPERATORS, inline_operators
+from escn_train.models.fast.operators import OPERATORS, inline_operators
 from escn_train.inference.loading import (
     AOTI_PACKAGE,
     EXPORTED_PROGRAM,
@@ -98,15 +96,11 @@ def forward_args(structures: dict[str, torch.Tensor], info: ModelInfo) -> tuple[
             graph.edge_distance_vec)
 
 
-def export_program(
-    potential: torch.nn.Module, info: ModelInfo, device: torch.device, for_inductor: bool = False
-) -> torch.export.ExportedProgram:
-    """Trace ``potential.forward`` with dynamic atom, edge and structure counts;
-    ``for_inductor``: in the form AOTInductor compiles best (see
-    :func:`~escn_train.models.fast.geometry.exporting_for_inductor`)."""
+def export_program(potential: torch.nn.Module, info: ModelInfo, device: torch.device) -> torch.export.ExportedProgram:
+    """Trace ``potential.forward`` with dynamic atom, edge and structure counts."""
     potential = potential.to(device).eval()
     example = forward_args(sample_structures([5, 8], info.max_num_elements, device=device), info)
-    with torch.no_grad(), exporting_for_inductor() if for_inductor else contextlib.nullcontext():
+    with torch.no_grad():
         return torch.export.export(potential, example, dynamic_shapes=dynamic_shapes())
 
 
@@ -121,14 +115,15 @@ def save_aoti_package(
 ) -> Path:
     """Compile with AOTInductor (minutes for large models) into ``path``.
 
-    By default the package calls the blocked S2-grid operator (``escn_train::grid_silu``)
-    through the dispatcher, as eager code does: loading it in Python needs
-    ``import escn_train.models.fast.grid`` first (:func:`load_predictor` does it).
-    ``standalone`` compiles the operator's plain expressions into the package instead, for
+    By default the package calls the fast stages' operators (the blocked S2-grid stage, the
+    SO(2) stage and the first layer) through the dispatcher, as eager code runs them:
+    loading it in Python needs ``import escn_train.models.fast.operators`` first
+    (:func:`load_predictor` does it). ``standalone`` compiles their plain expressions into
+    the package instead, for
     runtimes without Python (C++ ``AOTIModelPackageLoader``); that form is slower on CPUs
     (bench/RESULTS.md).
     """
-    operators = [] if standalone else list(GRID_OPERATORS)
+    operators = [] if standalone else list(OPERATORS)
     meta = metadata_dict(info, AOTI_PACKAGE, exported_on=device.type, min_atoms=1, min_edges=1, operators=operators)
     torch._inductor.aoti_compile_and_package(
         inline_operators(program) if standalone else program,
@@ -180,10 +175,12 @@ def export_checkpoint(
     if "aoti" in formats:
         targets.append((AOTI_PACKAGE, output.with_name(output.name + ".aoti.pt2"),
                         functools.partial(save_aoti_package, standalone=aoti_standalone)))
+    program = None
     for kind, path, save in targets:
-        started = time.perf_counter()
-        program = export_program(potential, info, device, for_inductor=kind == AOTI_PACKAGE)
-        log(f"traced with torch.export in {time.perf_counter() - started:.1f} s")
+        if program is None:  # one trace serves both formats
+            started = time.perf_counter()
+            program = export_program(potential, info, device)
+            log(f"traced with torch.export in {time.perf_counter() - started:.1f} s")
         started = time.perf_counter()
         if kind == AOTI_PACKAGE:
             log(f"compiling the AOTInductor package for {device.type} (this can take minutes) ...")

@@ -302,7 +302,7 @@ class ExportedProgramPredictor(Predictor):
         data = Path(path).read_bytes()
         check_exported_archive(data, path)
         extra = {METADATA_KEY: ""}
-        import escn_train.models.fast.grid  # noqa: F401 - registers the operators the program calls
+        import escn_train.models.fast.operators  # noqa: F401 - registers the operators the program calls
 
         program = torch.export.load(io.BytesIO(data), extra_files=extra)
         if not extra[METADATA_KEY]:
@@ -354,13 +354,13 @@ class AOTIPredictor(Predictor):
         super().__init__(info_from_metadata(meta[METADATA_KEY], path, AOTI_PACKAGE), device)
         operators = json.loads(meta[METADATA_KEY]).get("operators") or []
         if operators:  # not a standalone package: register the operators it calls
-            from escn_train.models.fast.grid import GRID_OPERATORS
+            from escn_train.models.fast.operators import OPERATORS
 
-            unknown = sorted(set(operators) - set(GRID_OPERATORS))
+            unknown = sorted(set(operators) - set(OPERATORS))
             if unknown:
                 raise ValueError(
                     f"{path}: AOTInductor package calls operators this escn-train does not provide: "
-                    f"{', '.join(unknown)}; expected only {', '.join(GRID_OPERATORS)} (export it again with this version)"
+                    f"{', '.join(unknown)}; expected only {', '.join(OPERATORS)} (export it again with this version)"
                 )
         index = device.index if device.index is not None else -1
         self.runner = torch._inductor.aoti_load_package(str(path), device_index=index)

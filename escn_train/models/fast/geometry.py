@@ -8,9 +8,6 @@ Every shape follows from the atom and edge counts, and nothing is read back from
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import torch
@@ -27,27 +24,6 @@ def _tracing() -> bool:
 def _compiling() -> bool:
     """Traced by ``torch.compile`` (not by ``torch.export``)."""
     return torch.compiler.is_compiling() and not torch.compiler.is_exporting()
-
-
-_inductor_export = threading.local()
-
-
-@contextmanager
-def exporting_for_inductor() -> Iterator[None]:
-    """Within it, ``torch.export`` traces the form that Inductor fuses best (plain
-    expressions, as under ``torch.compile``), for programs compiled by AOTInductor; outside
-    it, exported programs keep eager mode's in-place products, which run fastest op by op."""
-    previous = getattr(_inductor_export, "active", False)
-    _inductor_export.active = True
-    try:
-        yield
-    finally:
-        _inductor_export.active = previous
-
-
-def _fusing() -> bool:
-    """Traced for Inductor: by ``torch.compile``, or exported for AOTInductor."""
-    return _compiling() or (torch.compiler.is_exporting() and getattr(_inductor_export, "active", False))
 
 
 @dataclass

@@ -9,11 +9,11 @@ backward recomputes the grid values from ``y`` instead of storing them.
 The stage is the custom operator ``torch.ops.escn_train.grid_silu`` (with its backward,
 ``grid_silu_backward``), so eager code, ``torch.compile`` and ``torch.export`` all run
 this blocked kernel: a loop over a dynamic number of edge blocks does not trace, but an
-operator with a registered shape function does. Exported programs therefore need this
-module imported before ``torch.export.load`` (``escn_train.inference.loading`` does it).
-AOTInductor packages call it through the dispatcher too; standalone packages, which must
-run without Python, replace it by :func:`grid_silu_unblocked` (the same expressions, fused
-by Inductor) before compiling.
+operator with a registered shape function does. Exported programs therefore need it
+registered before ``torch.export.load`` (``escn_train.inference.loading`` imports
+:mod:`.operators`). AOTInductor packages call it through the dispatcher too; standalone
+packages, which must run without Python, replace it by :func:`grid_silu_unblocked` (the
+same expressions, fused by Inductor) before compiling (:func:`.operators.inline_operators`).
 Results are bit for bit those of the unblocked expressions in eager mode.
 """
 
@@ -77,12 +77,6 @@ def grid_silu_unblocked(
     if group_atom is None:
         return summed
     return summed.new_zeros(num_atoms, *summed.shape[1:]).index_add(0, group_atom, summed)
-
-
-def inline_operators(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
-    """``program`` with this module's operators replaced by their plain expressions, for
-    AOTInductor (its packages run without Python, where these operators do not exist)."""
-    return program.run_decompositions({torch.ops.escn_train.grid_silu.default: grid_silu_unblocked})
 
 
 def _block_floats() -> int:

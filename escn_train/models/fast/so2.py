@@ -39,7 +39,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from escn_train.models.fast.geometry import MessageGeometry, _compiling, _fusing, _tracing
+from escn_train.models.fast.geometry import MessageGeometry, _tracing
 from escn_train.models.fast.slots import EdgeGroups
 from escn_train.models.workspace import Workspace
 from escn_train.precision import autocast_off, float32
@@ -174,6 +174,11 @@ def _first_layer_operator(x: torch.Tensor, first_weights: list[torch.Tensor], or
     return [p.contiguous() for p in first_layer_projections(x, first_weights, orders)]
 
 
+def first_layer_unblocked(x: torch.Tensor, first_weights: list[torch.Tensor], orders: list[int]) -> list[torch.Tensor]:
+    """The first-layer operator as plain expressions (:mod:`.operators`)."""
+    return first_layer_projections(x, first_weights, orders)
+
+
 @_first_layer_operator.register_fake
 def _(x, first_weights, orders):
     return [x.new_empty(x.shape[0], x.shape[1] - m * m, w.shape[0]) for w, m in zip(first_weights, orders)]
@@ -211,9 +216,9 @@ _first_layer_operator.register_autograd(_first_layer_operator_backward, setup_co
 
 
 def _calls_operators(like: torch.Tensor) -> bool:
-    """Code compiled by ``torch.compile`` in full precision: it calls this module's stages
-    as operators (under autocast they stay plain expressions)."""
-    return _compiling() and not torch.is_autocast_enabled(like.device.type)
+    """Code traced by ``torch.compile`` or ``torch.export`` in full precision: it calls this
+    module's stages as operators (under autocast they stay plain expressions)."""
+    return _tracing() and not torch.is_autocast_enabled(like.device.type)
 
 
 def first_layer(x: torch.Tensor, first_weights: list[torch.Tensor], orders: list[int]) -> list[torch.Tensor]:
@@ -463,11 +468,37 @@ def _so2_stage_operator(
     offsets: list[int], channels: int, source_size: int, target_size: int, target_one_per_atom: bool,
 ) -> torch.Tensor:
     """:func:`_forward` (``layout``, ``offsets``: :func:`_term_layout`)."""
+    return _stage_of_operator_arguments(
+        x_edge, gate_weight, gate_bias, projections, second_weights, rows, source_group_atom, target_group_atom,
+        source_slot, target_slot, layout, offsets, channels, source_size, target_size, target_one_per_atom, True)
+
+
+def so2_stage_unblocked(
+    x_edge: torch.Tensor, gate_weight: torch.Tensor, gate_bias: torch.Tensor, projections: list[torch.Tensor],
+    second_weights: list[torch.Tensor], rows: list[torch.Tensor], source_group_atom: torch.Tensor,
+    target_group_atom: torch.Tensor, source_slot: torch.Tensor, target_slot: torch.Tensor, layout: list[int],
+    offsets: list[int], channels: int, source_size: int, target_size: int, target_one_per_atom: bool,
+) -> torch.Tensor:
+    """The stage operator as plain expressions (:mod:`.operators`)."""
+    return _stage_of_operator_arguments(
+        x_edge, gate_weight, gate_bias, projections, second_weights, rows, source_group_atom, target_group_atom,
+        source_slot, target_slot, layout, offsets, channels, source_size, target_size, target_one_per_atom, False)
+
+
+def _stage_of_operator_arguments(
+    x_edge: torch.Tensor, gate_weight: torch.Tensor, gate_bias: torch.Tensor, projections: list[torch.Tensor],
+    second_weights: list[torch.Tensor], rows: list[torch.Tensor], source_group_atom: torch.Tensor,
+    target_group_atom: torch.Tensor, source_slot: torch.Tensor, target_slot: torch.Tensor, layout: list[int],
+    offsets: list[int], channels: int, source_size: int, target_size: int, target_one_per_atom: bool,
+    in_place: bool,
+) -> torch.Tensor:
+    """:func:`_forward` of the stage operator's arguments (``in_place``: intermediates in the
+    operators' workspace; otherwise plain expressions)."""
     geometry = _operator_geometry(source_group_atom, target_group_atom, source_slot, target_slot, source_size,
                                   target_size, target_one_per_atom)
     terms, row_offsets = _unpack_layout(layout, offsets)
     return _forward(geometry, terms, row_offsets, rows, x_edge, gate_weight, gate_bias, projections, second_weights,
-                    channels, in_place=True)
+                    channels, in_place)
 
 
 @_so2_stage_operator.register_fake
@@ -556,22 +587,22 @@ def grouped_so2(
 
     ``offsets``: :func:`order_row_offsets`; ``projections``: :func:`first_layer_projections`;
     ``second_weights[t]``: [K_m, H]. Eager full-precision training uses the recomputing
-    autograd function, and full-precision code compiled by ``torch.compile`` the same
-    computation as one operator; otherwise (eager inference, mixed precision, export)
-    the same expressions run under autograd as they are.
+    autograd function, and full-precision code traced by ``torch.compile`` or
+    ``torch.export`` the same computation as one operator; otherwise (eager inference,
+    mixed precision) the same expressions run under autograd as they are.
     """
     if _calls_operators(x_edge):
         return _so2_operator_call(
             geometry, terms, offsets, channels, x_edge, gate_weight, gate_bias, projections, second_weights
         )
     grad, autocast = torch.is_grad_enabled(), torch.is_autocast_enabled(x_edge.device.type)
-    if grad and not (autocast or _tracing()):
+    if grad and not autocast:
         return _GroupedSO2.apply(
             geometry, terms, offsets, channels, x_edge, gate_weight, gate_bias, *projections, *second_weights
         )
-    # Exported programs keep the in-place products (no autograd graph to protect); code
-    # traced for Inductor gets the plain expressions, which it fuses.
-    in_place = not (grad or autocast or _fusing())
+    # Eager inference writes its products in place; under autocast (traced or not) the plain
+    # expressions run under autograd, and Inductor fuses them.
+    in_place = not (grad or autocast)
     rows = _terms_rows(geometry, terms)
     return _forward(geometry, terms, offsets, rows, x_edge, gate_weight, gate_bias, projections, second_weights,
                     channels, in_place, reuse_output=not grad)
