@@ -116,9 +116,8 @@ def test_grouped_so2_backward_passes_gradcheck(group_size, max_neighbors, monkey
     layout, flat_offsets = _term_layout(terms, offsets)
     torch.library.opcheck(
         torch.ops.escn_train.so2_stage.default,
-        (x_edge, gate_weight, gate_bias, projections, seconds, rows, source.group_atom, target.group_atom,
-         geometry.source_slot, geometry.target_slot, layout, flat_offsets, channels, source.size, target.size,
-         target.one_per_atom),
+        (x_edge, gate_weight, gate_bias, projections, seconds, geometry.tensors(), layout, flat_offsets, channels,
+         [source.size, target.size], target.one_per_atom),
     )
 
 
@@ -151,11 +150,12 @@ def test_first_layer_skips_zero_orders_with_the_same_outputs_and_gradients():
 
 
 @pytest.mark.parametrize("lmax,mmax", [(1, 0), (3, 3), (6, 2)])
-@pytest.mark.parametrize("form", ["eager", "traced-form", "operators"])
+@pytest.mark.parametrize("form", ["eager", "traced-form", "operators", "plain-expressions"])
 def test_fast_model_equals_the_reference_blocks_on_other_sizes(lmax, mmax, form, monkeypatch):
     """Configurations without fixtures (mmax = 0, mmax = lmax, lmax 6): the fast model (in
     its eager form, in the form that torch.compile and torch.export trace (fresh buffers,
-    the stages as operators), and with only the stages as operators) against
+    the stages as operators), with only the stages as operators, and in the traced form
+    with the operators' plain expressions that standalone AOTI packages compile) against
     the same model whose message blocks run the readable reference composition
     (MessageBlock.reference), in float64, with gradients."""
     from escn_train.graph import radius_graph_pbc
@@ -185,9 +185,15 @@ def test_fast_model_equals_the_reference_blocks_on_other_sizes(lmax, mmax, form,
 
     if form == "operators":
         monkeypatch.setattr(so2, "_calls_operators", lambda like: True)
-    if form == "traced-form":
+    if form in ("traced-form", "plain-expressions"):
         for module in (fast_geometry, so2):
             monkeypatch.setattr(module, "_tracing", lambda: True)
+    if form == "plain-expressions":
+        from escn_train.models.fast import grid
+
+        for name, plain in [("so2_stage", so2.so2_stage_unblocked), ("first_layer", so2.first_layer_unblocked),
+                            ("grid_silu", grid.grid_silu_unblocked)]:
+            monkeypatch.setattr(torch.ops.escn_train, name, plain)  # what inline_operators substitutes
     fast = run()
     monkeypatch.undo()
 

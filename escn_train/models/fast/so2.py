@@ -32,6 +32,7 @@ differentiable operations under autocast.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
@@ -40,7 +41,6 @@ import torch
 from torch import nn
 
 from escn_train.models.fast.geometry import MessageGeometry, _tracing
-from escn_train.models.fast.slots import EdgeGroups
 from escn_train.models.workspace import Workspace
 from escn_train.precision import autocast_off, float32
 
@@ -447,110 +447,92 @@ def _unpack_layout(layout: list[int], flat_offsets: list[int]) -> tuple[list[Ter
     return terms, offsets + [flat_offsets[-1:]]
 
 
-def _operator_geometry(
-    source_group_atom: torch.Tensor, target_group_atom: torch.Tensor, source_slot: torch.Tensor,
-    target_slot: torch.Tensor, source_size: int, target_size: int, target_one_per_atom: bool,
-) -> MessageGeometry:
-    """The part of a :class:`MessageGeometry` the stage reads, from the operators' tensors."""
-    unused = source_slot.new_empty(0)
-    groups = (
-        EdgeGroups(unused, source_group_atom, source_size, source_group_atom.shape[0], False),
-        EdgeGroups(unused, target_group_atom, target_size, target_group_atom.shape[0], target_one_per_atom),
-    )
-    return MessageGeometry(groups, unused, source_slot, target_slot, ({}, {}), unused, _OPERATOR_WORKSPACE)
+def _operator_geometry(geometry_tensors: list[torch.Tensor], group_sizes: list[int],
+                       target_one_per_atom: bool) -> MessageGeometry:
+    """The geometry of the operators' arguments (:meth:`MessageGeometry.tensors`), with the
+    operators' workspace."""
+    return MessageGeometry.from_tensors(geometry_tensors, (group_sizes[0], group_sizes[1]), target_one_per_atom,
+                                        _OPERATOR_WORKSPACE)
+
+
+def _stage_of_operator_arguments(
+    x_edge: torch.Tensor, gate_weight: torch.Tensor, gate_bias: torch.Tensor, projections: list[torch.Tensor],
+    second_weights: list[torch.Tensor], geometry_tensors: list[torch.Tensor], layout: list[int], offsets: list[int],
+    channels: int, group_sizes: list[int], target_one_per_atom: bool, in_place: bool,
+) -> torch.Tensor:
+    """:func:`_forward` of the stage operator's arguments (``in_place``: intermediates in the
+    operators' workspace; otherwise plain expressions)."""
+    geometry = _operator_geometry(geometry_tensors, group_sizes, target_one_per_atom)
+    terms, row_offsets = _unpack_layout(layout, offsets)
+    return _forward(geometry, terms, row_offsets, _terms_rows(geometry, terms), x_edge, gate_weight, gate_bias,
+                    projections, second_weights, channels, in_place)
 
 
 @torch.library.custom_op("escn_train::so2_stage", mutates_args=())
 def _so2_stage_operator(
     x_edge: torch.Tensor, gate_weight: torch.Tensor, gate_bias: torch.Tensor, projections: list[torch.Tensor],
-    second_weights: list[torch.Tensor], rows: list[torch.Tensor], source_group_atom: torch.Tensor,
-    target_group_atom: torch.Tensor, source_slot: torch.Tensor, target_slot: torch.Tensor, layout: list[int],
-    offsets: list[int], channels: int, source_size: int, target_size: int, target_one_per_atom: bool,
+    second_weights: list[torch.Tensor], geometry_tensors: list[torch.Tensor], layout: list[int], offsets: list[int],
+    channels: int, group_sizes: list[int], target_one_per_atom: bool,
 ) -> torch.Tensor:
-    """:func:`_forward` (``layout``, ``offsets``: :func:`_term_layout`)."""
-    return _stage_of_operator_arguments(
-        x_edge, gate_weight, gate_bias, projections, second_weights, rows, source_group_atom, target_group_atom,
-        source_slot, target_slot, layout, offsets, channels, source_size, target_size, target_one_per_atom, True)
+    """:func:`_forward` (``geometry_tensors``: :meth:`MessageGeometry.tensors`; ``layout``,
+    ``offsets``: :func:`_term_layout`; ``group_sizes``: the source and target group sizes)."""
+    return _stage_of_operator_arguments(x_edge, gate_weight, gate_bias, projections, second_weights,
+                                        geometry_tensors, layout, offsets, channels, group_sizes,
+                                        target_one_per_atom, in_place=True)
 
 
-def so2_stage_unblocked(
-    x_edge: torch.Tensor, gate_weight: torch.Tensor, gate_bias: torch.Tensor, projections: list[torch.Tensor],
-    second_weights: list[torch.Tensor], rows: list[torch.Tensor], source_group_atom: torch.Tensor,
-    target_group_atom: torch.Tensor, source_slot: torch.Tensor, target_slot: torch.Tensor, layout: list[int],
-    offsets: list[int], channels: int, source_size: int, target_size: int, target_one_per_atom: bool,
-) -> torch.Tensor:
-    """The stage operator as plain expressions (:mod:`.operators`)."""
-    return _stage_of_operator_arguments(
-        x_edge, gate_weight, gate_bias, projections, second_weights, rows, source_group_atom, target_group_atom,
-        source_slot, target_slot, layout, offsets, channels, source_size, target_size, target_one_per_atom, False)
-
-
-def _stage_of_operator_arguments(
-    x_edge: torch.Tensor, gate_weight: torch.Tensor, gate_bias: torch.Tensor, projections: list[torch.Tensor],
-    second_weights: list[torch.Tensor], rows: list[torch.Tensor], source_group_atom: torch.Tensor,
-    target_group_atom: torch.Tensor, source_slot: torch.Tensor, target_slot: torch.Tensor, layout: list[int],
-    offsets: list[int], channels: int, source_size: int, target_size: int, target_one_per_atom: bool,
-    in_place: bool,
-) -> torch.Tensor:
-    """:func:`_forward` of the stage operator's arguments (``in_place``: intermediates in the
-    operators' workspace; otherwise plain expressions)."""
-    geometry = _operator_geometry(source_group_atom, target_group_atom, source_slot, target_slot, source_size,
-                                  target_size, target_one_per_atom)
-    terms, row_offsets = _unpack_layout(layout, offsets)
-    return _forward(geometry, terms, row_offsets, rows, x_edge, gate_weight, gate_bias, projections, second_weights,
-                    channels, in_place)
+#: The stage operator as plain expressions (:mod:`.operators`).
+so2_stage_unblocked = functools.partial(_stage_of_operator_arguments, in_place=False)
 
 
 @_so2_stage_operator.register_fake
-def _(x_edge, gate_weight, gate_bias, projections, second_weights, rows, source_group_atom, target_group_atom,
-      source_slot, target_slot, layout, offsets, channels, source_size, target_size, target_one_per_atom):
+def _(x_edge, gate_weight, gate_bias, projections, second_weights, geometry_tensors, layout, offsets, channels,
+      group_sizes, target_one_per_atom):
     return x_edge.new_empty(x_edge.shape[0], offsets[-1], channels)
 
 
 @torch.library.custom_op("escn_train::so2_stage_backward", mutates_args=())
 def _so2_stage_backward_operator(
     grad_y: torch.Tensor, x_edge: torch.Tensor, gate_weight: torch.Tensor, gate_bias: torch.Tensor,
-    projections: list[torch.Tensor], second_weights: list[torch.Tensor], rows: list[torch.Tensor],
-    source_group_atom: torch.Tensor, target_group_atom: torch.Tensor, source_slot: torch.Tensor,
-    target_slot: torch.Tensor, layout: list[int], offsets: list[int], source_size: int, target_size: int,
-    target_one_per_atom: bool,
+    projections: list[torch.Tensor], second_weights: list[torch.Tensor], geometry_tensors: list[torch.Tensor],
+    layout: list[int], offsets: list[int], group_sizes: list[int], target_one_per_atom: bool,
 ) -> list[torch.Tensor]:
     """:func:`_backward`: [x_edge, gate weight, gate bias, *projections, *second weights] gradients."""
-    geometry = _operator_geometry(source_group_atom, target_group_atom, source_slot, target_slot, source_size,
-                                  target_size, target_one_per_atom)
+    geometry = _operator_geometry(geometry_tensors, group_sizes, target_one_per_atom)
     terms, row_offsets = _unpack_layout(layout, offsets)
     grad_x_edge, grad_gate_weight, grad_gate_bias, grad_projections, grad_seconds = _backward(
-        geometry, terms, row_offsets, rows, grad_y, x_edge, gate_weight, gate_bias, projections, second_weights, True
+        geometry, terms, row_offsets, _terms_rows(geometry, terms), grad_y, x_edge, gate_weight, gate_bias,
+        projections, second_weights, True,
     )
     return [grad_x_edge, grad_gate_weight, grad_gate_bias, *grad_projections, *grad_seconds]
 
 
 @_so2_stage_backward_operator.register_fake
-def _(grad_y, x_edge, gate_weight, gate_bias, projections, second_weights, rows, source_group_atom,
-      target_group_atom, source_slot, target_slot, layout, offsets, source_size, target_size, target_one_per_atom):
+def _(grad_y, x_edge, gate_weight, gate_bias, projections, second_weights, geometry_tensors, layout, offsets,
+      group_sizes, target_one_per_atom):
     return [torch.empty_like(t) for t in (x_edge, gate_weight, gate_bias, *projections, *second_weights)]
 
 
 def _operator_setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
-    x_edge, gate_weight, gate_bias, projections, second_weights, rows, *group_tensors = inputs[:10]
-    ctx.counts = (len(projections), len(rows))
-    ctx.constants = inputs[10:12] + inputs[13:]  # layout, offsets, source_size, target_size, target_one_per_atom
-    ctx.save_for_backward(x_edge, gate_weight, gate_bias, *projections, *second_weights, *rows, *group_tensors)
+    x_edge, gate_weight, gate_bias, projections, second_weights, geometry_tensors, layout, offsets, _, group_sizes, \
+        one_per_atom = inputs
+    ctx.counts = (len(projections), len(geometry_tensors))
+    ctx.constants = (layout, offsets, group_sizes, one_per_atom)
+    ctx.save_for_backward(x_edge, gate_weight, gate_bias, *projections, *second_weights, *geometry_tensors)
 
 
 def _operator_backward(ctx: Any, grad_y: torch.Tensor) -> tuple:
-    num_terms, num_rows = ctx.counts
+    num_terms, num_geometry = ctx.counts
     x_edge, gate_weight, gate_bias, *rest = ctx.saved_tensors
     projections, second_weights = rest[:num_terms], rest[num_terms : 2 * num_terms]
-    rows, group_tensors = rest[2 * num_terms : 2 * num_terms + num_rows], rest[2 * num_terms + num_rows :]
-    layout, offsets, source_size, target_size, one_per_atom = ctx.constants
+    geometry_tensors = rest[2 * num_terms :]
     grads = torch.ops.escn_train.so2_stage_backward(
-        grad_y.contiguous(), x_edge, gate_weight, gate_bias, list(projections), list(second_weights), list(rows),
-        *group_tensors, layout, offsets, source_size, target_size, one_per_atom,
+        grad_y.contiguous(), x_edge, gate_weight, gate_bias, list(projections), list(second_weights),
+        list(geometry_tensors), *ctx.constants,
     )
     grad_projections, grad_seconds = grads[3 : 3 + num_terms], grads[3 + num_terms :]
-    # The Wigner rows get no gradient, as in eager training (:class:`_GroupedSO2`).
-    return (grads[0], grads[1], grads[2], grad_projections, grad_seconds, [None] * num_rows) + (None,) * 10
+    # The geometry (Wigner rows included) gets no gradient, as in eager training (:class:`_GroupedSO2`).
+    return (grads[0], grads[1], grads[2], grad_projections, grad_seconds, [None] * num_geometry) + (None,) * 5
 
 
 _so2_stage_operator.register_autograd(_operator_backward, setup_context=_operator_setup_context)
@@ -565,9 +547,8 @@ def _so2_operator_call(
     source, target = geometry.groups
     layout, flat_offsets = _term_layout(terms, offsets)
     return torch.ops.escn_train.so2_stage(
-        x_edge, gate_weight, gate_bias, list(projections), list(second_weights),
-        _terms_rows(geometry, terms), source.group_atom, target.group_atom, geometry.source_slot,
-        geometry.target_slot, layout, flat_offsets, channels, source.size, target.size, target.one_per_atom,
+        x_edge, gate_weight, gate_bias, list(projections), list(second_weights), geometry.tensors(), layout,
+        flat_offsets, channels, [source.size, target.size], target.one_per_atom,
     )
 
 
