@@ -258,3 +258,25 @@ def test_storage_bytes_are_loaded_weights_only(tmp_path):
     with pytest.raises(pickle.UnpicklingError, match="storage-entry"):
         safe_loads(pickle.dumps(_EvilStorage(str(target))), "storage-entry")
     assert not target.exists()
+
+
+def test_molecules_without_a_cell_and_crystals_without_pbc_collate_together(tmp_path):
+    """A molecule (no cell: zero cell, pbc false) and an OC20 crystal (no pbc field:
+    periodic) in one batch: the crystal's pbc is filled in as periodic, nothing is dropped."""
+    from escn_train.data.collate import collate_structures
+
+    raw = raw_entries(PYG2)
+    crystal = raw[b"0"]
+    assert "pbc" not in crystal.keys() and "cell" in crystal.keys()
+    molecule = raw[b"1"].clone()
+    del molecule.cell
+    path = write_raw_lmdb(tmp_path / "mixed.lmdb", {b"0": pickle.dumps(crystal), b"1": pickle.dumps(molecule)})
+    dataset = LmdbDataset(path, key_mapping=OC20_MAPPING)
+    for order in ([0, 1], [1, 0]):
+        batch = collate_structures(dataset.__getitems__(order))
+        expected = [[True] * 3 if i == 0 else [False] * 3 for i in order]
+        assert batch.pbc.tolist() == expected
+        assert batch.natoms.tolist() == [int(crystal.natoms) if i == 0 else int(molecule.natoms) for i in order]
+        molecule_index = order.index(1)
+        assert not batch.cell[molecule_index].any()
+        torch.testing.assert_close(batch.cell[1 - molecule_index], crystal.cell.reshape(3, 3).float())

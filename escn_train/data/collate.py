@@ -8,13 +8,16 @@ is an error naming the fields, because PyG would otherwise collate them silently
 Resulting shapes: ``pos [N, 3]``, ``cell [B, 3, 3]``, ``atomic_numbers [N]`` (long),
 ``natoms [B]`` (long), ``batch [N]``, ``energy [B]``, ``forces [N, 3]``, ``tags``/``fixed``
 ``[N]``, ``sid``/``fid`` ``[B]``, ``pbc [B, 3]`` (bool, when stored), ``edge_index [2, E]``
-(offset per structure) and ``cell_offsets [E, 3]`` when present.
+(offset per structure) and ``cell_offsets [E, 3]`` when present. When some structures
+store ``pbc`` and others do not (molecules, which always get pbc false, next to OC20
+crystals), those without it get the documented default, periodic in all three directions.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch_geometric.data import Batch, Data
 
 from escn_train.data.checks import BadSample, SkippedBatch
@@ -41,6 +44,10 @@ def collate_structures(data_list: Sequence[Data | BadSample]) -> Batch | Skipped
     if not all(has_edges(d) for d in data_list):
         for data in data_list:
             strip_edges(data)
+    if any("pbc" in d for d in data_list):
+        for data in data_list:
+            if "pbc" not in data:  # not stored: periodic in all three directions (the OC20 convention)
+                data.pbc = torch.ones(1, 3, dtype=torch.bool)
     keys = set(data_list[0].keys())
     for data in data_list[1:]:
         other = set(data.keys())
