@@ -33,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--batch", default=str(DEFAULT_BATCH))
+    parser.add_argument("--package-dir", default=None,
+                        help="keep AOTI packages here and reuse them (one per config and form; the model's "
+                             "weights come from the fixed seed, so a kept package is the one this run would build)")
     args = parser.parse_args(argv)
 
     import torch
@@ -68,9 +71,13 @@ def main(argv: list[str] | None = None) -> int:
         call = program.module()
         if args.form.startswith("aoti"):  # aoti: standalone (operator inlined); aoti-op: calls the operator
             with tempfile.TemporaryDirectory() as tmp:
-                packaged = inline_operators(program) if args.form == "aoti" else program
-                path = torch._inductor.aoti_compile_and_package(packaged, package_path=f"{tmp}/m.pt2")
-                call = torch._inductor.aoti_load_package(path)
+                folder = Path(args.package_dir or tmp)
+                folder.mkdir(parents=True, exist_ok=True)
+                path = folder / f"{args.config}-{args.form}.pt2"
+                if not path.exists():
+                    packaged = inline_operators(program) if args.form == "aoti" else program
+                    torch._inductor.aoti_compile_and_package(packaged, package_path=str(path))
+                call = torch._inductor.aoti_load_package(str(path))
     else:
         call = model
     optimizer = torch.optim.AdamW(model.parameters(), 1e-4)
