@@ -3,7 +3,8 @@ compile=True, inference or a training step, in a fresh process per call. ``aoti`
 standalone package (``escn-export --aoti-standalone``), ``aoti-op`` the default one, which
 calls the grid operator.
 
-Reports wall-clock and process CPU time (time.process_time) per call after warm-up, and,
+Reports wall-clock and process CPU time (time.process_time) per call after warm-up, the
+minor page faults and kernel (system) time per call, and,
 for compiled forms, the first call's (compile) time. Run the forms interleaved, in fresh
 processes, to compare them on a shared machine:
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import sys
 import tempfile
 import time
@@ -96,14 +98,20 @@ def main(argv: list[str] | None = None) -> int:
     run()
     first = time.perf_counter() - start
     run()
-    wall, cpu = [], []
+    wall, cpu, faults, system = [], [], [], []
     for _ in range(args.steps):
+        usage = resource.getrusage(resource.RUSAGE_SELF)
         t, c = time.perf_counter(), time.process_time()
         run()
         wall.append(time.perf_counter() - t)
         cpu.append(time.process_time() - c)
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        faults.append(after.ru_minflt - usage.ru_minflt)
+        system.append(after.ru_stime - usage.ru_stime)
     print(json.dumps({**vars(args), "first_call_s": first, "wall_s": sorted(wall), "cpu_s": sorted(cpu),
-                      "median_wall_s": sorted(wall)[len(wall) // 2], "median_cpu_s": sorted(cpu)[len(cpu) // 2]}))
+                      "median_wall_s": sorted(wall)[len(wall) // 2], "median_cpu_s": sorted(cpu)[len(cpu) // 2],
+                      "median_minor_faults": sorted(faults)[len(faults) // 2],
+                      "median_system_s": sorted(system)[len(system) // 2]}))
     return 0
 
 

@@ -127,6 +127,11 @@ def test_exported_program_reproduces_eager_without_training_code(checkpoint, tmp
     assert all(meta["model"][k] == v for k, v in config.items())
     assert meta["normalizers"]["energy_std"] == pytest.approx(ENERGY_STD)
     assert meta["normalizers"]["element_references"][29] == pytest.approx(-3.7)
+    # The operators the program calls, with their signatures (checked when it is loaded).
+    from escn_train.models.fast.operators import operator_schema
+
+    assert {"escn_train::so2_stage", "escn_train::grid_silu", "escn_train::first_layer"} <= set(meta["operators"])
+    assert meta["operators"] == {name: operator_schema(name) for name in sorted(meta["operators"])}
 
     cases = _cases()
     out = run_loader(path, tmp_path, cases)
@@ -188,7 +193,14 @@ def test_aoti_package_reproduces_eager_without_training_code(aoti_package, tmp_p
     standalone = aoti_package.parent.name.startswith("aoti_standalone")
     document = json.loads(meta[METADATA_KEY])
     assert document["max_neighbors"] == 20
-    assert document["operators"] == ([] if standalone else list(OPERATORS))
+    if standalone:
+        assert document["operators"] == {}
+    else:
+        from escn_train.models.fast.operators import operator_schema
+
+        assert {"escn_train::so2_stage", "escn_train::grid_silu", "escn_train::first_layer"} <= set(document["operators"])
+        assert set(document["operators"]) <= set(OPERATORS)
+        assert document["operators"] == {name: operator_schema(name) for name in sorted(document["operators"])}
     with zipfile.ZipFile(aoti_package) as archive:
         assert any(n.endswith(".so") for n in archive.namelist())
 
@@ -204,25 +216,67 @@ def test_aoti_package_reproduces_eager_without_training_code(aoti_package, tmp_p
         assert r["forces"] <= frame_tolerance(fixture, "forces") * FORCE_STD
 
 
+def _with_operators(source_path: Path, target_path: Path, operators) -> None:
+    """A copy of an escn-export file whose metadata records ``operators`` instead."""
+    with zipfile.ZipFile(source_path) as source, zipfile.ZipFile(target_path, "w") as target:
+        for item in source.infolist():
+            data = source.read(item)
+            if item.filename.endswith("wrapper_metadata.json"):  # AOTI package
+                meta = json.loads(data)
+                meta[METADATA_KEY] = json.dumps({**json.loads(meta[METADATA_KEY]), "operators": operators})
+                data = json.dumps(meta).encode()
+            elif item.filename.endswith("/extra/" + METADATA_KEY):  # exported program
+                data = json.dumps({**json.loads(data), "operators": operators}).encode()
+            target.writestr(item, data)
+
+
+def _operator_records() -> list:
+    """Edited operator records and the one-line errors they must give."""
+    from escn_train.models.fast.operators import operator_schema
+
+    again = "export it again from its checkpoint with this version's escn-export"
+    stage = operator_schema("escn_train::so2_stage")
+    old_stage = stage.replace("Tensor[] geometry_tensors", "Tensor[] rows, Tensor source_group_atom")
+    assert old_stage != stage
+    return [
+        ({"escn_train::grid_silu": operator_schema("escn_train::grid_silu"), "other::op": "op(Tensor x) -> Tensor"},
+         r"calls operators this escn-train does not provide: other::op; expected only escn_train::grid_silu, "
+         r"escn_train::grid_silu_backward, escn_train::first_layer, escn_train::first_layer_backward, "
+         r"escn_train::so2_stage, escn_train::so2_stage_backward \(" + again + r"\)$"),
+        ({"escn_train::so2_stage": old_stage},
+         r"calls escn_train::so2_stage with the signature '.*Tensor\[\] rows, Tensor source_group_atom.*', but "
+         r"this escn-train's is '.*Tensor\[\] geometry_tensors.*'; " + again + "$"),
+        (["escn_train::grid_silu", "escn_train::first_layer", "escn_train::so2_stage", "escn_train::so2_stage_backward"],
+         r"written by an earlier escn-train whose operators escn_train::so2_stage, escn_train::so2_stage_backward "
+         r"had other signatures; " + again + "$"),
+    ]
+
+
 @pytest.mark.slow
-def test_aoti_package_calling_an_unknown_operator_is_a_clear_error(aoti_package, tmp_path):
+def test_aoti_package_calling_unknown_or_changed_operators_is_a_clear_error(aoti_package, tmp_path):
+    """Its compiled calls would pass the wrong arguments: refused before it is loaded."""
     document = json.loads(aoti_package_metadata(aoti_package)[METADATA_KEY])
     if not document["operators"]:
         pytest.skip("a standalone package calls no operator")
     edited = tmp_path / "escn.aoti.pt2"
-    with zipfile.ZipFile(aoti_package) as source, zipfile.ZipFile(edited, "w") as target:
-        for item in source.infolist():
-            data = source.read(item)
-            if item.filename.endswith("wrapper_metadata.json"):
-                meta = json.loads(data)
-                meta[METADATA_KEY] = json.dumps({**document, "operators": ["escn_train::grid_silu", "other::op"]})
-                data = json.dumps(meta).encode()
-            target.writestr(item, data)
-    with pytest.raises(ValueError, match=r"escn\.aoti\.pt2: AOTInductor package calls operators this escn-train does "
-                       r"not provide: other::op; expected only escn_train::grid_silu, escn_train::grid_silu_backward, "
-                       r"escn_train::first_layer, escn_train::first_layer_backward, escn_train::so2_stage, "
-                       r"escn_train::so2_stage_backward \(export it again with this version\)$"):
-        load_predictor(edited, "cpu", trusted=True)
+    for operators, message in _operator_records():
+        _with_operators(aoti_package, edited, operators)
+        with pytest.raises(ValueError, match=r"escn\.aoti\.pt2: " + message):
+            load_predictor(edited, "cpu", trusted=True)
+    # Names only, of operators whose signatures have not changed since: loads and runs.
+    _with_operators(aoti_package, edited, ["escn_train::grid_silu", "escn_train::grid_silu_backward"])
+    energy, forces = load_predictor(edited, "cpu", trusted=True).predict(_atoms_batch([bulk("Cu")]))
+    assert energy.shape == (1,) and torch.isfinite(forces).all()
+
+
+def test_exported_program_calling_unknown_or_changed_operators_is_a_clear_error(checkpoint, tmp_path):
+    assert main([str(checkpoint), "-o", str(tmp_path / "escn"), "--format", "export", "--device", "cpu",
+                 "--no-check"]) == 0
+    edited = tmp_path / "edited.pt2"
+    for operators, message in _operator_records():
+        _with_operators(tmp_path / "escn.pt2", edited, operators)
+        with pytest.raises(ValueError, match=r"edited\.pt2: " + message):
+            load_predictor(edited, "cpu", trusted=True)
 
 
 @pytest.mark.slow

@@ -42,7 +42,7 @@ from torch.export import Dim
 
 from escn_train.graph import radius_graph_pbc
 from escn_train.models.compiled import FORWARD_DYNAMIC_DIMS
-from escn_train.models.fast.operators import OPERATORS, inline_operators
+from escn_train.models.fast.operators import called_operators, inline_operators
 from escn_train.inference.loading import (
     AOTI_PACKAGE,
     EXPORTED_PROGRAM,
@@ -105,7 +105,8 @@ def export_program(potential: torch.nn.Module, info: ModelInfo, device: torch.de
 
 
 def save_exported_program(program: torch.export.ExportedProgram, path: Path, info: ModelInfo, device: torch.device) -> Path:
-    meta = metadata_dict(info, EXPORTED_PROGRAM, exported_on=device.type, min_atoms=1, min_edges=1)
+    meta = metadata_dict(info, EXPORTED_PROGRAM, exported_on=device.type, min_atoms=1, min_edges=1,
+                         operators=called_operators(program))
     torch.export.save(program, str(path), extra_files={METADATA_KEY: json.dumps(meta)})
     return path
 
@@ -123,10 +124,11 @@ def save_aoti_package(
     runtimes without Python (C++ ``AOTIModelPackageLoader``); that form is slower on CPUs
     (bench/RESULTS.md).
     """
-    operators = [] if standalone else list(OPERATORS)
-    meta = metadata_dict(info, AOTI_PACKAGE, exported_on=device.type, min_atoms=1, min_edges=1, operators=operators)
+    packaged = inline_operators(program) if standalone else program
+    meta = metadata_dict(info, AOTI_PACKAGE, exported_on=device.type, min_atoms=1, min_edges=1,
+                         operators=called_operators(packaged))
     torch._inductor.aoti_compile_and_package(
-        inline_operators(program) if standalone else program,
+        packaged,
         package_path=str(path),
         inductor_configs={"aot_inductor.metadata": {METADATA_KEY: json.dumps(meta)}},
     )

@@ -301,16 +301,28 @@ class ExportedProgramPredictor(Predictor):
         # Read once, check, and hand torch the very bytes that were checked.
         data = Path(path).read_bytes()
         check_exported_archive(data, path)
-        extra = {METADATA_KEY: ""}
-        import escn_train.models.fast.operators  # noqa: F401 - registers the operators the program calls
+        from escn_train.models.fast.operators import check_recorded_operators  # registers the operators
 
-        program = torch.export.load(io.BytesIO(data), extra_files=extra)
-        if not extra[METADATA_KEY]:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            names = [n for n in archive.namelist() if n.endswith("/extra/" + METADATA_KEY)]
+            text = archive.read(names[0]).decode() if names else ""
+        if not text:
             raise ValueError(
                 f"{path}: torch.export program without '{METADATA_KEY}': it was not written by escn-export, "
                 "so its cutoff and max_neighbors are unknown"
             )
-        super().__init__(info_from_metadata(extra[METADATA_KEY], path, EXPORTED_PROGRAM), device)
+        super().__init__(info_from_metadata(text, path, EXPORTED_PROGRAM), device)
+        recorded = json.loads(text).get("operators")
+        if recorded is not None:
+            check_recorded_operators(recorded, path)
+        try:
+            program = torch.export.load(io.BytesIO(data))
+        except RuntimeError as exc:  # files of versions that did not record their operators' signatures
+            reason = str(exc).strip().splitlines()[0]
+            raise ValueError(
+                f"{path}: torch.export could not read the program ({reason}); a file written by an earlier "
+                "escn-train may call its operators with other signatures: export it again from its checkpoint"
+            ) from None
         exported_on = {t.device.type for t in program.state_dict.values() if isinstance(t, torch.Tensor)}
         if exported_on != {device.type}:
             from torch.export.passes import move_to_device_pass
@@ -352,16 +364,11 @@ class AOTIPredictor(Predictor):
                 f"export again with escn-export --device {device.type}, or use the .pt2 exported program"
             )
         super().__init__(info_from_metadata(meta[METADATA_KEY], path, AOTI_PACKAGE), device)
-        operators = json.loads(meta[METADATA_KEY]).get("operators") or []
-        if operators:  # not a standalone package: register the operators it calls
-            from escn_train.models.fast.operators import OPERATORS
+        recorded = json.loads(meta[METADATA_KEY]).get("operators")
+        if recorded:  # not a standalone package: register the operators it calls, and check their signatures
+            from escn_train.models.fast.operators import check_recorded_operators
 
-            unknown = sorted(set(operators) - set(OPERATORS))
-            if unknown:
-                raise ValueError(
-                    f"{path}: AOTInductor package calls operators this escn-train does not provide: "
-                    f"{', '.join(unknown)}; expected only {', '.join(OPERATORS)} (export it again with this version)"
-                )
+            check_recorded_operators(recorded, path)
         index = device.index if device.index is not None else -1
         self.runner = torch._inductor.aoti_load_package(str(path), device_index=index)
 

@@ -12,6 +12,54 @@ from escn_train.models.fast import grid, so2
 #: Every operator of the fast stages, as exported programs and packages name them.
 OPERATORS = grid.GRID_OPERATORS + so2.SO2_OPERATORS
 
+#: Operators whose signature is the same as in the escn-train versions that recorded only the
+#: names of the operators a file calls (2026-11; the SO(2) stage's changed since).
+_UNCHANGED_SINCE_NAME_RECORDS = frozenset(grid.GRID_OPERATORS + ("escn_train::first_layer", "escn_train::first_layer_backward"))
+
+
+def operator_schema(name: str) -> str:
+    """The registered signature of ``name`` (``escn_train::so2_stage``), as the dispatcher prints it."""
+    namespace, short = name.split("::")
+    return str(getattr(getattr(torch.ops, namespace), short).default._schema)
+
+
+def called_operators(program: torch.export.ExportedProgram) -> dict[str, str]:
+    """The fast-stage operators ``program`` calls, with their signatures (for the file's metadata)."""
+    called = {
+        node.target.name().removesuffix(".default")
+        for module in program.graph_module.modules() if isinstance(module, torch.fx.GraphModule)
+        for node in module.graph.nodes
+        if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload)
+        and node.target.namespace == "escn_train"
+    }
+    return {name: operator_schema(name) for name in sorted(called)}
+
+
+def check_recorded_operators(recorded: dict[str, str] | list[str], path: object) -> None:
+    """Refuse a file that calls operators this version does not provide, or provides with
+    another signature (its compiled calls would pass the wrong arguments); ``recorded`` is the
+    file's metadata entry: names and signatures, or, from older versions, names only."""
+    if isinstance(recorded, list):  # names only: the signatures were not recorded
+        changed = sorted(set(recorded) - _UNCHANGED_SINCE_NAME_RECORDS)
+        if changed:
+            raise ValueError(
+                f"{path}: written by an earlier escn-train whose operators {', '.join(changed)} had other "
+                "signatures; export it again from its checkpoint with this version's escn-export"
+            )
+        return
+    unknown = sorted(set(recorded) - set(OPERATORS))
+    if unknown:
+        raise ValueError(
+            f"{path}: calls operators this escn-train does not provide: {', '.join(unknown)}; expected only "
+            f"{', '.join(OPERATORS)} (export it again from its checkpoint with this version's escn-export)"
+        )
+    for name, schema in sorted(recorded.items()):
+        if schema != operator_schema(name):
+            raise ValueError(
+                f"{path}: calls {name} with the signature {schema!r}, but this escn-train's is "
+                f"{operator_schema(name)!r}; export it again from its checkpoint with this version's escn-export"
+            )
+
 
 def inline_operators(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
     """``program`` with the operators replaced by their plain expressions (for AOTInductor
