@@ -46,6 +46,27 @@ def test_inference_reusing_buffers_between_graphs_of_other_sizes_gives_fresh_res
     assert clone.workspace._buffers() == {}
 
 
+def test_release_buffers_frees_the_models_and_the_operators_buffers(monkeypatch):
+    """The operators keep their buffers in a workspace of their own, which outlives any
+    model: release_buffers() frees it and every model's, and the results stay the same."""
+    from escn_train.models.fast import so2
+    from escn_train.models.workspace import release_buffers
+
+    model = build_model("tiny_l2m1")
+    batch = fixture_batch("tiny_l2m1")
+    release_buffers()
+    with torch.no_grad():
+        eager = model(batch)
+        monkeypatch.setattr(so2, "_calls_operators", lambda like: True)  # as compiled and exported code calls it
+        through_operators = model(batch)
+    kept = model.workspace.nbytes() + so2._OPERATOR_WORKSPACE.nbytes()
+    assert model.workspace.nbytes() > 0 and so2._OPERATOR_WORKSPACE.nbytes() > 0
+    assert release_buffers() == kept
+    assert model.workspace.nbytes() == 0 and so2._OPERATOR_WORKSPACE.nbytes() == 0
+    torch.testing.assert_close(through_operators["energy"], eager["energy"])
+    torch.testing.assert_close(through_operators["forces"], eager["forces"])
+
+
 def test_ema_copy_shares_the_kept_buffers_but_not_the_weights():
     """Training and validation never run at once: the EMA copy uses the same buffers."""
     from escn_train.training.ema import ExponentialMovingAverage

@@ -5,13 +5,16 @@ needed only until the next layer. Allocated fresh, each costs a page fault per 4
 on first touch, on every call — on virtual machines a large share of an inference step.
 A :class:`Workspace` keeps them instead: named flat buffers, grown when a call needs more
 and otherwise reused, one set per thread (so that threads sharing a model do not share
-buffers).
+buffers). A model's buffers go with the model; the fast stages' operators, which compiled
+models, exported programs and AOTInductor packages call, keep theirs in one workspace of
+their own: :func:`release_buffers` releases those too.
 """
 
 from __future__ import annotations
 
 import math
 import threading
+import weakref
 
 import torch
 
@@ -25,6 +28,7 @@ class Workspace:
 
     def __init__(self) -> None:
         self._local = threading.local()
+        _WORKSPACES.add(self)
 
     def _buffers(self) -> dict[str, torch.Tensor]:
         buffers = getattr(self._local, "buffers", None)
@@ -48,8 +52,28 @@ class Workspace:
         """Release this thread's buffers."""
         self._local.buffers = {}
 
+    def nbytes(self) -> int:
+        """Bytes this thread's buffers hold."""
+        return sum(b.numel() * b.element_size() for b in self._buffers().values())
+
     def __getstate__(self) -> dict:
         return {}  # buffers are caches: copies and pickles start empty
 
     def __setstate__(self, state: dict) -> None:
         self._local = threading.local()
+        _WORKSPACES.add(self)
+
+
+#: Every live workspace (models' and the operators'), for :func:`release_buffers`.
+_WORKSPACES: weakref.WeakSet[Workspace] = weakref.WeakSet()
+
+
+def release_buffers() -> int:
+    """Release the calling thread's kept buffers in every workspace: every model's and the
+    operators' (compiled models, exported programs and AOTInductor packages run in Python).
+    Returns the bytes released; the next call allocates them again."""
+    released = 0
+    for workspace in list(_WORKSPACES):
+        released += workspace.nbytes()
+        workspace.clear()
+    return released
