@@ -104,13 +104,22 @@ INIT_NORMALIZER_VALUES = ("energy_mean", "energy_std", "force_std", "element_ref
 _NOT_ARCHITECTURE = ("compile", "export")
 
 
-def read_init_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+def read_init_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, Any]:
     """The checkpoint to fine-tune from: an escn-train checkpoint, or a fairchem/OCP eSCN
-    checkpoint converted in memory (as ``escn-convert-checkpoint`` would, EMA weights kept)."""
+    checkpoint converted in memory (as ``escn-convert-checkpoint`` would, EMA weights kept).
+
+    ``mmap=True`` maps the tensors instead of reading them, where the file's format allows
+    (the settings need only the metadata; the weights are read once, when they are loaded).
+    """
     if not os.path.isfile(path):
         raise CheckpointMismatchError(f"init_from={path}: no such checkpoint file")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError as exc:
+            if not mmap or "mmap" not in str(exc):
+                raise
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # legacy format: no mmap
     except Exception as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise CheckpointMismatchError(
@@ -179,7 +188,7 @@ def init_from_settings(
     ``element_references: true/false`` only steers fitting, which a fine-tune does not do.
     ``notes`` says what was taken from the checkpoint where the configuration differed.
     """
-    checkpoint = read_init_checkpoint(path)
+    checkpoint = read_init_checkpoint(path, mmap=True)
     explicit = set(explicit)
     notes: list[str] = []
     saved_model = dict(checkpoint["hyper_parameters"]["model"])
