@@ -317,7 +317,10 @@ class ExportedProgramPredictor(Predictor):
             check_recorded_operators(recorded, path)
         try:
             program = torch.export.load(io.BytesIO(data))
-        except RuntimeError as exc:  # files of versions that did not record their operators' signatures
+        except RuntimeError as exc:
+            if recorded is not None:
+                raise
+            # a version that did not record its operators' signatures
             reason = str(exc).strip().splitlines()[0]
             raise ValueError(
                 f"{path}: torch.export could not read the program ({reason}); a file written by an earlier "

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import zipfile
 from collections.abc import Collection, Mapping
 from typing import Any
 
@@ -114,12 +115,8 @@ def read_init_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[st
     if not os.path.isfile(path):
         raise CheckpointMismatchError(f"init_from={path}: no such checkpoint file")
     try:
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-        except RuntimeError as exc:
-            if not mmap or "mmap" not in str(exc):
-                raise
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # legacy format: no mmap
+        # torch maps only zip-format files (the legacy format is read whole)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except Exception as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise CheckpointMismatchError(

@@ -15,6 +15,7 @@ OPERATORS = grid.GRID_OPERATORS + so2.SO2_OPERATORS
 #: Operators whose signature is the same as in the escn-train versions that recorded only the
 #: names of the operators a file calls (2026-11; the SO(2) stage's changed since).
 _UNCHANGED_SINCE_NAME_RECORDS = frozenset(grid.GRID_OPERATORS + ("escn_train::first_layer", "escn_train::first_layer_backward"))
+_EXPORT_AGAIN = "export it again from its checkpoint with this version's escn-export"
 
 
 def operator_schema(name: str) -> str:
@@ -44,20 +45,20 @@ def check_recorded_operators(recorded: dict[str, str] | list[str], path: object)
         if changed:
             raise ValueError(
                 f"{path}: written by an earlier escn-train whose operators {', '.join(changed)} had other "
-                "signatures; export it again from its checkpoint with this version's escn-export"
+                f"signatures; {_EXPORT_AGAIN}"
             )
         return
     unknown = sorted(set(recorded) - set(OPERATORS))
     if unknown:
         raise ValueError(
             f"{path}: calls operators this escn-train does not provide: {', '.join(unknown)}; expected only "
-            f"{', '.join(OPERATORS)} (export it again from its checkpoint with this version's escn-export)"
+            f"{', '.join(OPERATORS)} ({_EXPORT_AGAIN})"
         )
     for name, schema in sorted(recorded.items()):
-        if schema != operator_schema(name):
+        current = operator_schema(name)
+        if schema != current:
             raise ValueError(
-                f"{path}: calls {name} with the signature {schema!r}, but this escn-train's is "
-                f"{operator_schema(name)!r}; export it again from its checkpoint with this version's escn-export"
+                f"{path}: calls {name} with the signature {schema!r}, but this escn-train's is {current!r}; {_EXPORT_AGAIN}"
             )
 
 
