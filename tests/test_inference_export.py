@@ -54,7 +54,8 @@ print(json.dumps({"kind": predictor.kind, "info": predictor.info.model, "results
 """
 
 
-OPERATOR_MODULES = ["escn_train.models", "escn_train.models.fast", "escn_train.models.fast.geometry",
+OPERATOR_MODULES = ["escn_train.models", "escn_train.models.fast", "escn_train.models.fast.cpu_kernel",
+                    "escn_train.models.fast.geometry",
                     "escn_train.models.fast.grid", "escn_train.models.fast.operators", "escn_train.models.fast.slots",
                     "escn_train.models.fast.so2", "escn_train.models.workspace"]
 

@@ -143,22 +143,26 @@ def test_grid_silu_gradient_matches_autograd():
     assert torch.equal(y32.grad, plain.grad)
 
 
-def test_grid_silu_in_several_edge_blocks_is_bitwise_the_plain_expression(monkeypatch):
+@pytest.mark.parametrize("channels", [4, 32], ids=["pytorch-operations", "cpu-kernel"])
+def test_grid_silu_in_several_edge_blocks_equals_the_plain_expression(channels, monkeypatch):
+    """Blocks of 3 edges (the last one short) against the unblocked expression in float64,
+    forward and backward; 32 channels take the fused CPU kernel where the machine has it."""
     from escn_train.models.fast import grid as escn
 
-    monkeypatch.setattr(escn, "_block_floats", lambda: 3 * 18 * 4)  # blocks of 3 edges, the last one short
+    monkeypatch.setattr(escn, "_block_floats", lambda: 3 * 18 * channels)
     gen = torch.Generator().manual_seed(2)
-    y = torch.randn(10, 7, 4, generator=gen, requires_grad=True)
+    y = torch.randn(10, 7, channels, generator=gen, requires_grad=True)
     to_grid, from_grid = torch.randn(18, 7, generator=gen), torch.randn(7, 18, generator=gen)
-    grad_out = torch.randn(10, 7, 4, generator=gen)
+    grad_out = torch.randn(10, 7, channels, generator=gen)
     blocked = escn.grid_silu(y, to_grid, from_grid)
     (blocked * grad_out).sum().backward()
-    plain_y = y.detach().clone().requires_grad_()
-    plain = torch.matmul(from_grid, torch.nn.functional.silu(torch.matmul(to_grid, plain_y)))
-    (plain * grad_out).sum().backward()
-    assert torch.equal(blocked, plain) and torch.equal(y.grad, plain_y.grad)
+    plain_y = y.detach().double().requires_grad_()
+    plain = torch.matmul(from_grid.double(), torch.nn.functional.silu(torch.matmul(to_grid.double(), plain_y)))
+    (plain * grad_out.double()).sum().backward()
+    torch.testing.assert_close(blocked.double(), plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y.grad.double(), plain_y.grad, rtol=1e-5, atol=1e-5)
     with torch.no_grad():
-        assert torch.equal(escn.grid_silu(y, to_grid, from_grid), plain)
+        torch.testing.assert_close(escn.grid_silu(y, to_grid, from_grid), blocked, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("group_size,max_neighbors", [(16, 30), (3, None)], ids=["one-group-per-atom", "split-groups"])

@@ -11,6 +11,7 @@ One module per stage, in the order a forward pass uses them:
 - :mod:`.so2`: the SO(2) convolutions, first layer per atom, the rest per edge slot
   (under ``torch.compile``, the custom operator ``escn_train::so2_stage``);
 - :mod:`.grid`: the S2-grid SiLU in cache-sized edge blocks, rotated back per atom (the
-  custom operator ``escn_train::grid_silu``, so that traced code calls the same kernel);
+  custom operator ``escn_train::grid_silu``, so that traced code calls the same kernel),
+  with :mod:`.cpu_kernel` (``grid_kernel.c``) fusing each block's products and SiLU on CPUs;
 - :mod:`.message`: the entry point that composes them into a message block.
 """

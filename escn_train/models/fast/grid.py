@@ -14,7 +14,11 @@ registered before ``torch.export.load`` (``escn_train.inference.loading`` import
 :mod:`.operators`). AOTInductor packages call it through the dispatcher too; standalone
 packages, which must run without Python, replace it by :func:`grid_silu_unblocked` (the
 same expressions, fused by Inductor) before compiling (:func:`.operators.inline_operators`).
-Results are bit for bit those of the unblocked expressions in eager mode.
+
+Within a block, float32 CPU tensors go through a fused C kernel (:mod:`.cpu_kernel`: the
+grid values of an edge never leave L1); elsewhere the block runs PyTorch's operations,
+whose results are bit for bit those of the unblocked expressions. The kernel's differ in
+float32 round-off (its exp is its own).
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import nn
+
+from escn_train.models.fast import cpu_kernel
 
 if TYPE_CHECKING:  # loading an exported program imports this module: keep it light
     from escn_train.models.fast.slots import EdgeGroups
@@ -91,6 +97,31 @@ def _block_edges(to_grid: torch.Tensor, y: torch.Tensor, size: int) -> int:
     return max(1, step // size) * size
 
 
+def _grid_values(
+    y: torch.Tensor, to_grid: torch.Tensor, from_grid: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """from_grid @ SiLU(to_grid @ y) for one block of edges, [B, coeffs, C]: the fused CPU
+    kernel where it applies (:mod:`.cpu_kernel`), else PyTorch's operations."""
+    if out is None:
+        out = y.new_empty(y.shape)
+    if cpu_kernel.grid_forward(y, to_grid, from_grid, out):
+        return out
+    return torch.matmul(from_grid, nn.functional.silu(torch.matmul(to_grid, y), inplace=True), out=out)
+
+
+def _grid_values_backward(
+    grad_values: torch.Tensor, y: torch.Tensor, to_grid: torch.Tensor, from_grid: torch.Tensor, out: torch.Tensor
+) -> None:
+    """Writes the gradient of :func:`_grid_values` for ``y`` into ``out``, recomputing the grid values."""
+    if cpu_kernel.grid_backward(grad_values, y, to_grid, from_grid, out):
+        return
+    # SiLU' is exactly 1 above 80 and below 1e-32 under -80; clamping keeps its
+    # exp() off the slow path that saturated grid values would take on CPUs.
+    grid = torch.matmul(to_grid, y).clamp_(-80.0, 80.0)
+    grad_grid = torch.ops.aten.silu_backward(torch.matmul(from_grid.t(), grad_values), grid)
+    torch.matmul(to_grid.t(), grad_grid, out=out)
+
+
 @torch.library.custom_op("escn_train::grid_silu", mutates_args=())
 def _grid_silu(
     y: torch.Tensor, to_grid: torch.Tensor, from_grid: torch.Tensor, rows: torch.Tensor | None,
@@ -106,11 +137,10 @@ def _grid_silu(
         out = y.new_zeros(num_atoms, rows.shape[2], y.shape[2])
     step = _block_edges(to_grid, y, size)
     for start in range(0, y.shape[0], step):
-        grid = nn.functional.silu(torch.matmul(to_grid, y[start : start + step]), inplace=True)
         if rows is None:
-            torch.matmul(from_grid, grid, out=out[start : start + step])
+            _grid_values(y[start : start + step], to_grid, from_grid, out[start : start + step])
             continue
-        values = torch.matmul(from_grid, grid)
+        values = _grid_values(y[start : start + step], to_grid, from_grid)
         first = start // size
         last = first + values.shape[0] // size
         values = values.view(last - first, rows.shape[1], values.shape[2])
@@ -142,20 +172,16 @@ def _grid_silu_backward(
     step = _block_edges(to_grid, y, size)
     for start in range(0, y.shape[0], step):
         stop = min(start + step, y.shape[0])
-        grid = torch.matmul(to_grid, y[start:stop])
         if rows is None:
             grad_values = grad[start:stop]
         else:
             block_rows, block_grad = rows[start // size : stop // size], grad[start // size : stop // size]
             if rows_grad:
-                values = torch.matmul(from_grid, nn.functional.silu(grid))
+                values = _grid_values(y[start:stop], to_grid, from_grid)
                 torch.bmm(values.view(block_rows.shape[0], block_rows.shape[1], -1), block_grad.transpose(1, 2),
                           out=grad_rows[start // size : stop // size])
             grad_values = torch.bmm(block_rows, block_grad).view(stop - start, from_grid.shape[0], grad.shape[2])
-        # SiLU' is exactly 1 above 80 and below 1e-32 under -80; clamping keeps its
-        # exp() off the slow path that saturated grid values would take on CPUs.
-        grad_grid = torch.ops.aten.silu_backward(torch.matmul(from_grid.t(), grad_values), grid.clamp_(-80.0, 80.0))
-        torch.matmul(to_grid.t(), grad_grid, out=grad_y[start:stop])
+        _grid_values_backward(grad_values, y[start:stop], to_grid, from_grid, grad_y[start:stop])
     return grad_y, grad_rows
 
 
