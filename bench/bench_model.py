@@ -10,10 +10,12 @@ A training step is forward + loss (mean |E| + mean |F|) + backward + AdamW step,
 reference's bench; inference is a no-grad forward. Reported: median seconds over the timed
 runs (after one warm-up), FLOPs (torch FlopCounterMode), the FLOP rate as a fraction of a
 2048^3 float32 matmul timed in the same process, peak RSS (CPU) or peak allocated memory
-(GPU), and our/reference ratios. ``--precision fp32 bf16-mixed`` times ours in both, each
+(GPU), and our/reference ratios of wall time and of CPU time (``--rounds``: alternated, median
+and range of the per-round ratios). ``--precision fp32 bf16-mixed`` times ours in both, each
 against the reference's fp32 step (the reference's own code fails under bf16 autocast).
 
     python bench/bench_model.py --configs tiny large --steps 5 --reference-python /tmp/fairchem-ref/bin/python
+    python bench/bench_model.py --configs tiny l3m1 --modes train --rounds 5 --reference-python /tmp/fairchem-ref/bin/python
     python bench/bench_model.py --device cuda --precision fp32 bf16-mixed --reference-python /tmp/fairchem-ref/bin/python
 """
 
@@ -111,20 +113,22 @@ def measure(
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     run()  # warm-up
-    times = []
+    times, cpu_times = [], []
     for _ in range(steps):
         sync()
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), time.process_time()
         run()
         sync()
         times.append(time.perf_counter() - t)
+        cpu_times.append(time.process_time() - cpu)
     median = sorted(times)[len(times) // 2]
     peak = (
         torch.cuda.max_memory_allocated() / 2**20
         if dev.type == "cuda"
         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     )
-    return {"impl": impl, "mode": mode, "median_s": median, "times_s": times, "gflop": flops / 1e9,
+    return {"impl": impl, "mode": mode, "median_s": median, "times_s": times,
+            "median_cpu_s": sorted(cpu_times)[len(cpu_times) // 2], "gflop": flops / 1e9,
             "matmul_gflops": matmul_rate / 1e9, "flop_rate_fraction_of_matmul": flops / median / matmul_rate,
             "peak_mb": peak, "peak_kind": "cuda_max_allocated" if dev.type == "cuda" else "rss"}
 
@@ -167,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16-mixed"],
                         help="one or both; every row is compared with the reference's fp32 step")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="alternate ours and the reference this many times; report the median ratio (default 1)")
     parser.add_argument("--batch", default=str(DEFAULT_BATCH))
     parser.add_argument("--reference-python", default=None,
                         help="python of the fairchem reference venv (setup.sh); omit to skip the reference")
@@ -188,17 +194,29 @@ def main(argv: list[str] | None = None) -> int:
             for precision in args.precision:
                 spec = {"impl": "ours", "batch_path": args.batch, "config": config, "mode": mode, "steps": args.steps,
                         "threads": args.threads, "device": args.device, "precision": precision}
-                ours = _child([sys.executable, __file__, "--child", json.dumps(spec)], env)
-                row = {"config": name, "mode": mode, "precision": precision, "ours": ours}
+                row = {"config": name, "mode": mode, "precision": precision, "rounds": []}
+                # Rounds alternate ours and the reference in fresh processes, so that the
+                # machine's drift falls on both; the ratios are per round.
+                for _ in range(args.rounds):
+                    ours = _child([sys.executable, __file__, "--child", json.dumps(spec)], env)
+                    entry = {"ours": ours}
+                    if args.reference_python:
+                        # The reference runs in fp32 only: under bf16 autocast its own code fails
+                        # (index_add_ of a bf16 source into a float32 tensor).
+                        if reference_fp32 is None or args.rounds > 1:
+                            ref_spec = json.dumps({**spec, "impl": "reference", "precision": "fp32"})
+                            reference_fp32 = _child([args.reference_python, __file__, "--child", ref_spec], env)
+                        entry["reference"] = reference_fp32
+                        entry["speedup"] = reference_fp32["median_s"] / ours["median_s"]
+                        entry["cpu_speedup"] = reference_fp32["median_cpu_s"] / ours["median_cpu_s"]
+                    row["rounds"].append(entry)
+                middle = sorted(row["rounds"], key=lambda e: e.get("speedup", e["ours"]["median_s"]))[args.rounds // 2]
+                row.update(ours=middle["ours"])
                 if args.reference_python:
-                    # The reference runs in fp32 only: under bf16 autocast its own code fails
-                    # (index_add_ of a bf16 source into a float32 tensor).
-                    if reference_fp32 is None:
-                        ref_spec = json.dumps({**spec, "impl": "reference", "precision": "fp32"})
-                        reference_fp32 = _child([args.reference_python, __file__, "--child", ref_spec], env)
-                    row["reference"] = reference_fp32
-                    row["speedup"] = reference_fp32["median_s"] / ours["median_s"]
-                    row["memory_ratio"] = ours["peak_mb"] / reference_fp32["peak_mb"]
+                    speedups = sorted(e["speedup"] for e in row["rounds"])
+                    row.update(reference=middle["reference"], speedup=middle["speedup"], speedup_range=[speedups[0], speedups[-1]],
+                               cpu_speedup=sorted(e["cpu_speedup"] for e in row["rounds"])[args.rounds // 2],
+                               memory_ratio=middle["ours"]["peak_mb"] / middle["reference"]["peak_mb"])
                 results.append(row)
                 print(_format_row(row), flush=True)
 
@@ -217,7 +235,10 @@ def _format_row(row: dict) -> str:
     if "reference" in row:
         ref = row["reference"]
         text += (f" | reference (fp32) {ref['median_s']:.3f} s, {ref['gflop']:.1f} GFLOP, peak {ref['peak_mb']:.0f} MB"
-                 f" | speedup {row['speedup']:.2f}x, memory {row['memory_ratio']:.2f}x")
+                 f" | speedup {row['speedup']:.2f}x")
+        if len(row["rounds"]) > 1:
+            text += f" (median of {len(row['rounds'])} rounds, {row['speedup_range'][0]:.2f}-{row['speedup_range'][-1]:.2f}x)"
+        text += f", CPU time {row['cpu_speedup']:.2f}x, memory {row['memory_ratio']:.2f}x"
     return text
 
 
