@@ -146,6 +146,19 @@ def test_kernel_is_built_once_into_the_cache(kernel, fresh_kernel_state):
     assert list((fresh_kernel_state / "kernels").iterdir()) == built and built[0].stat().st_mtime_ns == stamp
 
 
+def test_kernel_is_built_in_the_temporary_directory_when_the_cache_cannot_be_created(kernel, fresh_kernel_state,
+                                                                                     monkeypatch):
+    blocker = fresh_kernel_state / "not-a-directory"
+    blocker.write_text("")
+    monkeypatch.setenv("ESCN_TRAIN_CACHE", str(blocker))
+    monkeypatch.setattr(cpu_kernel.tempfile, "gettempdir", lambda: str(fresh_kernel_state / "tmp"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cpu_kernel.library() is not None
+    built = list((fresh_kernel_state / "tmp" / f"escn_train-kernels-{os.getuid()}").iterdir())
+    assert len(built) == 1 and built[0].name.startswith("grid_kernel-")
+
+
 def test_failed_build_warns_once_and_runs_pytorch_operations(fresh_kernel_state, monkeypatch):
     if cpu_kernel.unsupported_reason() is not None:
         pytest.skip(cpu_kernel.unsupported_reason())

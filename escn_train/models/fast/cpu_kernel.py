@@ -9,8 +9,8 @@ threads; bench/RESULTS.md). It runs on PyTorch's OpenMP threads (the library lin
 
 It is used for float32 CPU tensors with a channel count that is a multiple of 16, on
 x86-64 Linux with AVX2 and FMA. It is built on first use with the C compiler (``$CC``, else
-``cc``) into ``$ESCN_TRAIN_CACHE/kernels`` (default ``~/.cache/escn_train/kernels``), keyed
-by the source and flags. ``ESCN_TRAIN_GRID_KERNEL=0`` turns it off. Everywhere else, and if
+``cc``) into ``$ESCN_TRAIN_CACHE/kernels`` (default ``~/.cache/escn_train/kernels``; the
+temporary directory where that cannot be created), keyed by the source and flags. ``ESCN_TRAIN_GRID_KERNEL=0`` turns it off. Everywhere else, and if
 the build fails (one warning says why), :mod:`.grid` runs the same expressions as PyTorch
 operations. Both paths are tested against the reference expressions.
 """
@@ -67,7 +67,13 @@ def _build(compiler: str) -> Path:
     target = cache_dir() / f"grid_kernel-{key}.so"
     if target.exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError:  # a read-only home (containers, some clusters): this user's temporary directory
+        target = Path(tempfile.gettempdir()) / f"escn_train-kernels-{os.getuid()}" / target.name
+        if target.exists():
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
     # Compile to a private name, then rename: processes building at once (DDP ranks) never
     # load a half-written file.
     fd, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
