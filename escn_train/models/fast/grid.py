@@ -16,9 +16,10 @@ packages, which must run without Python, replace it by :func:`grid_silu_unblocke
 same expressions, fused by Inductor) before compiling (:func:`.operators.inline_operators`).
 
 Within a block, float32 CPU tensors go through a fused C kernel (:mod:`.cpu_kernel`: the
-grid values of an edge never leave L1); elsewhere the block runs PyTorch's operations,
-whose results are bit for bit those of the unblocked expressions. The kernel's differ in
-float32 round-off (its exp is its own).
+grid values of an edge never leave L1); elsewhere the block runs PyTorch's operations.
+Both equal the unblocked expressions to float32 round-off, not bit for bit: the kernel's exp
+is its own, and batched matmuls of different batch sizes round differently on some CPUs
+(AVX2 here; the AVX-512 VMs of earlier sessions gave identical bits).
 """
 
 from __future__ import annotations
