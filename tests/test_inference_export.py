@@ -22,8 +22,13 @@ from reference_fixtures import build_model, fixture_batch, frame_tolerance, load
 
 from escn_train.data.collate import collate_structures
 from escn_train.data.convert import atoms_to_data
-from escn_train.inference.export import main
-from escn_train.inference.loading import METADATA_KEY, aoti_package_metadata, load_predictor
+from escn_train.inference.export import forward_args, main, native_library_path, sample_structures
+from escn_train.inference.loading import (
+    METADATA_KEY,
+    aoti_package_metadata,
+    load_checkpoint_potential,
+    load_predictor,
+)
 from escn_train.inference.reference_checkpoint import potential_checkpoint
 from escn_train.models.potential import ESCNPotential
 
@@ -53,6 +58,28 @@ loaded = sorted(m for m in sys.modules if m.split(".")[0] in heavy
 print(json.dumps({"kind": predictor.kind, "info": predictor.info.model, "results": results, "loaded": loaded}))
 """
 
+
+#: What loading a standalone CPU package imports: the C++ S2-grid operator's loader.
+NATIVE_MODULES = ["escn_train.models", "escn_train.models.fast", "escn_train.models.fast.cpu_kernel",
+                  "escn_train.models.fast.native_grid"]
+
+#: A C++ host's view of a standalone package, in a process that imports nothing of escn_train:
+#: load the operator's library written beside the package, then the package.
+HOST_SCRIPT = r"""
+import json, sys
+import torch
+torch.ops.load_library(sys.argv[2])
+runner = torch._inductor.aoti_load_package(sys.argv[1])
+worst = {"energy": 0.0, "forces": 0.0}
+for case in torch.load(sys.argv[3], weights_only=True):
+    with torch.no_grad():
+        got = dict(zip(("energy", "forces"), runner(*case["args"])))
+    for key in worst:
+        error = (got[key] - case[key]).abs().max().item() / case[key].abs().max().item()
+        worst[key] = max(worst[key], error)
+print(json.dumps({"worst": worst, "cases": len(torch.load(sys.argv[3], weights_only=True)),
+                  "escn_train": sorted(m for m in sys.modules if m.startswith("escn_train"))}))
+"""
 
 OPERATOR_MODULES = ["escn_train.models", "escn_train.models.fast", "escn_train.models.fast.cpu_kernel",
                     "escn_train.models.fast.geometry",
@@ -194,8 +221,14 @@ def test_aoti_package_reproduces_eager_without_training_code(aoti_package, tmp_p
     standalone = aoti_package.parent.name.startswith("aoti_standalone")
     document = json.loads(meta[METADATA_KEY])
     assert document["max_neighbors"] == 20
-    if standalone:
-        assert document["operators"] == {}
+    if standalone:  # calls only the C++ S2-grid operator, whose library is written beside the package
+        from escn_train.models.fast import native_grid
+
+        native_grid.load()
+        assert document["operators"] == {
+            native_grid.OPERATOR: str(torch.ops.escn_native.grid_silu.default._schema)
+        }
+        assert native_library_path(aoti_package).is_file()
     else:
         from escn_train.models.fast.operators import operator_schema
 
@@ -207,14 +240,38 @@ def test_aoti_package_reproduces_eager_without_training_code(aoti_package, tmp_p
 
     cases = _cases()
     out = run_loader(aoti_package, tmp_path, cases)
-    # A standalone package loads no model code at all; the default one only the operators' modules.
-    assert out["kind"] == "aoti_package" and out["loaded"] == ([] if standalone else OPERATOR_MODULES)
+    # A standalone package loads no model code, only its C++ operator; the default one the operators' modules.
+    assert out["kind"] == "aoti_package" and out["loaded"] == (NATIVE_MODULES if standalone else OPERATOR_MODULES)
     fixture = load_fixture(NAME)
     # Compiled kernels reorder float32 sums: the fixture's intrinsic round-off bound (as in
     # test_model_export), in physical units, plus float32 rounding of the energy offsets.
     for r in out["results"]:
         assert r["energy"] <= frame_tolerance(fixture, "energy") * ENERGY_STD + 2e-6 * r["energy_scale"]
         assert r["forces"] <= frame_tolerance(fixture, "forces") * FORCE_STD
+
+
+@pytest.mark.slow
+def test_standalone_package_runs_with_only_the_library_beside_it(aoti_package, checkpoint, tmp_path):
+    """What a C++ host does (load the operator's library, then the package), in a process
+    that imports nothing of escn_train: the package needs no Python operator."""
+    if not aoti_package.parent.name.startswith("aoti_standalone"):
+        pytest.skip("the default package calls the Python-registered operators")
+    potential_module, info = load_checkpoint_potential(checkpoint)
+    cases = []
+    for seed, sizes in enumerate(([1], [3, 11], [2, 7, 4, 16])):
+        args = forward_args(sample_structures(sizes, info.max_num_elements, seed=seed + 1), info)
+        with torch.no_grad():
+            energy, forces = potential_module(*args)
+        cases.append({"args": list(args), "energy": energy, "forces": forces})
+    torch.save(cases, tmp_path / "cases.pt")
+    result = subprocess.run(
+        [sys.executable, "-c", HOST_SCRIPT, str(aoti_package), str(native_library_path(aoti_package)),
+         str(tmp_path / "cases.pt")], capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["escn_train"] == [] and out["cases"] == 3
+    assert max(out["worst"].values()) <= 1e-4  # relative to the largest value: float32 round-off
 
 
 def _with_operators(source_path: Path, target_path: Path, operators) -> None:

@@ -15,7 +15,8 @@ max_neighbors, max_num_elements, normalisers, units, source checkpoint, weights 
   package metadata (``aot_inductor.metadata``), readable without loading the library. It
   calls the fast stages' operators as eager code runs them (Python registers them:
   ``import escn_train.models.fast.operators``); ``--aoti-standalone`` compiles their plain
-  expressions in instead, for loaders without Python.
+  expressions in instead, for loaders without Python; on CPUs its S2-grid stage calls a C++
+  operator, written beside it as ``NAME.aoti.so``, which such a loader loads first.
 
 Both load with :func:`escn_train.inference.loading.load_predictor` (no Lightning needed),
 with ``trusted=True``: they are code.
@@ -32,6 +33,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -42,7 +44,7 @@ from torch.export import Dim
 
 from escn_train.graph import radius_graph_pbc
 from escn_train.models.compiled import FORWARD_DYNAMIC_DIMS
-from escn_train.models.fast.operators import called_operators, inline_operators
+from escn_train.models.fast.operators import called_operators, grid_operator_inputs, inline_operators
 from escn_train.inference.loading import (
     AOTI_PACKAGE,
     EXPORTED_PROGRAM,
@@ -111,8 +113,14 @@ def save_exported_program(program: torch.export.ExportedProgram, path: Path, inf
     return path
 
 
+def native_library_path(package: Path) -> Path:
+    """Where escn-export writes the C++ S2-grid operator beside a standalone package: ``NAME.aoti.so``."""
+    return package.with_suffix(".so")
+
+
 def save_aoti_package(
-    program: torch.export.ExportedProgram, path: Path, info: ModelInfo, device: torch.device, standalone: bool = False
+    program: torch.export.ExportedProgram, path: Path, info: ModelInfo, device: torch.device, standalone: bool = False,
+    log=print,
 ) -> Path:
     """Compile with AOTInductor (minutes for large models) into ``path``.
 
@@ -120,11 +128,17 @@ def save_aoti_package(
     SO(2) stage and the first layer) through the dispatcher, as eager code runs them:
     loading it in Python needs ``import escn_train.models.fast.operators`` first
     (:func:`load_predictor` does it). ``standalone`` compiles their plain expressions into
-    the package instead, for
-    runtimes without Python (C++ ``AOTIModelPackageLoader``); that form is slower on CPUs
-    (bench/RESULTS.md).
+    the package instead, for runtimes without Python (C++ ``AOTIModelPackageLoader``),
+    except, on CPUs, the S2-grid stage: it calls the C++ operator of
+    :mod:`escn_train.models.fast.native_grid`, whose library is written beside the package
+    (:func:`native_library_path`; the host loads it first). Where that operator cannot be
+    used (CUDA, channels not a multiple of 16, no C++ compiler), the stage is compiled in too,
+    which is slower on CPUs (bench/RESULTS.md).
     """
-    packaged = inline_operators(program) if standalone else program
+    packaged, library = program, None
+    if standalone:
+        library = _native_grid_library(program, log)
+        packaged = inline_operators(program, native_grid=library is not None)
     meta = metadata_dict(info, AOTI_PACKAGE, exported_on=device.type, min_atoms=1, min_edges=1,
                          operators=called_operators(packaged))
     torch._inductor.aoti_compile_and_package(
@@ -132,7 +146,26 @@ def save_aoti_package(
         package_path=str(path),
         inductor_configs={"aot_inductor.metadata": {METADATA_KEY: json.dumps(meta)}},
     )
+    if library is not None:
+        shutil.copyfile(library, native_library_path(path))
+        log(f"wrote {native_library_path(path)}: the S2-grid operator; load it before the package in C++ hosts")
     return path
+
+
+def _native_grid_library(program: torch.export.ExportedProgram, log) -> Path | None:
+    """The C++ S2-grid operator's library for a standalone package of ``program``, built and
+    loaded; None (and why, logged) where the package compiles the stage's expressions instead."""
+    from escn_train.models.fast import native_grid
+
+    reasons = {native_grid.unsupported_reason(features) for features in grid_operator_inputs(program)} - {None}
+    if not reasons:
+        try:
+            return native_grid.load()
+        except (OSError, RuntimeError) as error:
+            reasons = {f"it could not be built: {str(error).splitlines()[0]}"}
+    log(f"the standalone package compiles the S2-grid stage's expressions (slower on CPUs) instead of calling the C++ "
+        f"operator: {'; '.join(sorted(reasons))}")
+    return None
 
 
 def agreement(potential: torch.nn.Module, path: Path, info: ModelInfo, device: torch.device) -> dict[str, float]:
@@ -176,7 +209,7 @@ def export_checkpoint(
         targets.append((EXPORTED_PROGRAM, output.with_name(output.name + ".pt2"), save_exported_program))
     if "aoti" in formats:
         targets.append((AOTI_PACKAGE, output.with_name(output.name + ".aoti.pt2"),
-                        functools.partial(save_aoti_package, standalone=aoti_standalone)))
+                        functools.partial(save_aoti_package, standalone=aoti_standalone, log=log)))
     program = None
     for kind, path, save in targets:
         if program is None:  # one trace serves both formats
@@ -215,8 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-check", action="store_true", help="skip the agreement check against the eager model")
     parser.add_argument(
         "--aoti-standalone", action="store_true",
-        help="AOTInductor package that runs without Python (C++ loaders): compiles the S2-grid operator's plain "
-        "expressions in (slower on CPUs); by default the package calls the operator, which Python registers")
+        help="AOTInductor package that runs without Python (C++ loaders): compiles the operators' plain expressions "
+        "in, except on CPUs the S2-grid stage, which calls a C++ operator written beside it as OUTPUT.aoti.so "
+        "(load it first); by default the package calls the Python-registered operators")
     return parser
 
 

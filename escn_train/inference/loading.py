@@ -368,7 +368,11 @@ class AOTIPredictor(Predictor):
             )
         super().__init__(info_from_metadata(meta[METADATA_KEY], path, AOTI_PACKAGE), device)
         recorded = json.loads(meta[METADATA_KEY]).get("operators")
-        if recorded:  # not a standalone package: register the operators it calls, and check their signatures
+        if recorded and set(recorded) == {"escn_native::grid_silu"}:  # standalone, with the C++ S2-grid operator
+            from escn_train.models.fast.native_grid import check_recorded
+
+            check_recorded(recorded, path)
+        elif recorded:  # not a standalone package: register the operators it calls, and check their signatures
             from escn_train.models.fast.operators import check_recorded_operators
 
             check_recorded_operators(recorded, path)

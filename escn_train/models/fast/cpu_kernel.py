@@ -27,6 +27,7 @@ import tempfile
 import threading
 import warnings
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -60,11 +61,16 @@ def unsupported_reason() -> str | None:
     return None
 
 
-def _build(compiler: str) -> Path:
-    """The kernel's shared library, compiled into the cache unless already there."""
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join((compiler, *FLAGS)).encode()).hexdigest()[:16]
-    target = cache_dir() / f"grid_kernel-{key}.so"
+def build_library(
+    compiler: str, flags: Sequence[str], source: Path, includes: Sequence[Path] = (), libraries: Sequence[str] = ()
+) -> Path:
+    """The shared library compiled from ``source`` with ``compiler`` and ``flags`` and linked
+    with ``libraries`` (linker arguments, after the source) into the cache, unless already
+    there; it is keyed by the bytes of ``source`` and of the files it includes
+    (``includes``), the compiler and the arguments."""
+    content = b"".join(path.read_bytes() for path in (source, *includes))
+    key = hashlib.sha256(content + " ".join((compiler, *flags, *libraries)).encode()).hexdigest()[:16]
+    target = cache_dir() / f"{source.stem}-{key}.so"
     if target.exists():
         return target
     try:
@@ -79,7 +85,7 @@ def _build(compiler: str) -> Path:
     fd, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        result = subprocess.run([compiler, *FLAGS, "-o", partial, str(SOURCE)], capture_output=True, text=True)
+        result = subprocess.run([compiler, *flags, "-o", partial, str(source), *libraries], capture_output=True, text=True)
         if result.returncode != 0:
             lines = [line for line in (result.stderr or result.stdout).splitlines() if line.strip()]
             raise RuntimeError(lines[0] if lines else f"exit status {result.returncode}")
@@ -94,7 +100,7 @@ def _load() -> ctypes.CDLL | None:
     compiler = os.environ.get("CC", "cc")
     if shutil.which(compiler) is None:
         raise RuntimeError(f"no C compiler '{compiler}' on PATH (set CC)")
-    library = ctypes.CDLL(str(_build(compiler)))
+    library = ctypes.CDLL(str(build_library(compiler, FLAGS, SOURCE)))
     pointer, length, integer = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
     library.escn_grid_forward.argtypes = [pointer, length, integer, length, pointer, pointer, integer, pointer, integer]
     library.escn_grid_backward.argtypes = [

@@ -21,6 +21,13 @@
 
 #define SLICE 16 /* channels per slice: two AVX vectors */
 
+/* The entry points keep C names when grid_native.cpp compiles this file as C++. */
+#ifdef __cplusplus
+#define ESCN_ENTRY extern "C"
+#else
+#define ESCN_ENTRY
+#endif
+
 static inline __m256 exp_ps(__m256 x) {
     x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(87.0f));
     __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
@@ -93,12 +100,12 @@ static void matrix_rows(const float *m, int rows, int inner, const float *x, lon
 
 /* Scratch rows for each thread of a parallel region: `per_thread` slices of P x 16 floats. */
 static float *scratch(int threads, int per_thread, int points) {
-    return aligned_alloc(32, sizeof(float) * SLICE * points * per_thread * threads);
+    return (float *)aligned_alloc(32, sizeof(float) * SLICE * points * per_thread * threads);
 }
 
 /* values [edges, K, C] = from_grid [K, P] @ silu(to_grid [P, K] @ y [edges, K, C]).
  * Returns 0, or 1 when C is not a multiple of 16 or the scratch rows could not be allocated. */
-int escn_grid_forward(const float *y, long edges, int k, long channels, const float *to_grid,
+ESCN_ENTRY int escn_grid_forward(const float *y, long edges, int k, long channels, const float *to_grid,
                       const float *from_grid, int points, float *values, int threads) {
     if (channels % SLICE || threads < 1) return 1;
     float *buffers = scratch(threads, 1, points);
@@ -117,7 +124,7 @@ int escn_grid_forward(const float *y, long edges, int k, long channels, const fl
 
 /* grad_y [edges, K, C] = to_grid^T @ (silu'(to_grid @ y) * (from_grid^T @ grad)), with the
  * transposes passed contiguous: from_grid_t [P, K], to_grid_t [K, P]. Returns as above. */
-int escn_grid_backward(const float *grad, const float *y, long edges, int k, long channels, const float *to_grid,
+ESCN_ENTRY int escn_grid_backward(const float *grad, const float *y, long edges, int k, long channels, const float *to_grid,
                        const float *from_grid_t, const float *to_grid_t, int points, float *grad_y, int threads) {
     if (channels % SLICE || threads < 1) return 1;
     float *buffers = scratch(threads, 2, points);

@@ -24,16 +24,27 @@ def operator_schema(name: str) -> str:
     return str(getattr(getattr(torch.ops, namespace), short).default._schema)
 
 
-def called_operators(program: torch.export.ExportedProgram) -> dict[str, str]:
-    """The fast-stage operators ``program`` calls, with their signatures (for the file's metadata)."""
-    called = {
-        node.target.name().removesuffix(".default")
-        for module in program.graph_module.modules() if isinstance(module, torch.fx.GraphModule)
+def _operator_nodes(program: torch.export.ExportedProgram, namespaces: tuple[str, ...]) -> list[torch.fx.Node]:
+    return [
+        node for module in program.graph_module.modules() if isinstance(module, torch.fx.GraphModule)
         for node in module.graph.nodes
         if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload)
-        and node.target.namespace == "escn_train"
-    }
+        and node.target.namespace in namespaces
+    ]
+
+
+def called_operators(program: torch.export.ExportedProgram) -> dict[str, str]:
+    """The fast-stage operators ``program`` calls (this package's and the C++ one of
+    :mod:`.native_grid`), with their signatures (for the file's metadata)."""
+    called = {node.target.name().removesuffix(".default") for node in _operator_nodes(program, ("escn_train", "escn_native"))}
     return {name: operator_schema(name) for name in sorted(called)}
+
+
+def grid_operator_inputs(program: torch.export.ExportedProgram) -> list[torch.Tensor]:
+    """The example features [edges, coefficients, channels] (fake tensors) of each S2-grid
+    operator call in ``program``: what decides whether the C++ operator can take them."""
+    return [node.args[0].meta["val"] for node in _operator_nodes(program, ("escn_train",))
+            if node.target is torch.ops.escn_train.grid_silu.default]
 
 
 def check_recorded_operators(recorded: dict[str, str] | list[str], path: object) -> None:
@@ -62,11 +73,19 @@ def check_recorded_operators(recorded: dict[str, str] | list[str], path: object)
             )
 
 
-def inline_operators(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+def inline_operators(program: torch.export.ExportedProgram, native_grid: bool = False) -> torch.export.ExportedProgram:
     """``program`` with the operators replaced by their plain expressions (for AOTInductor
-    packages that must run without Python)."""
+    packages that must run without Python); ``native_grid``: the S2-grid stage by the C++
+    operator of :mod:`.native_grid` instead (CPUs), which :func:`.native_grid.load` loads."""
     return program.run_decompositions({
-        torch.ops.escn_train.grid_silu.default: grid.grid_silu_unblocked,
+        torch.ops.escn_train.grid_silu.default: _native_grid_silu if native_grid else grid.grid_silu_unblocked,
         torch.ops.escn_train.so2_stage.default: so2.so2_stage_unblocked,
         torch.ops.escn_train.first_layer.default: so2.first_layer_unblocked,
     })
+
+
+def _native_grid_silu(y, to_grid, from_grid, rows, group_atom, num_atoms, size):
+    return torch.ops.escn_native.grid_silu(
+        y, to_grid, from_grid, rows, group_atom, num_atoms, size, grid.GRID_BLOCK_FLOATS_PER_THREAD,
+        grid.GRID_BLOCK_MAX_THREADS,
+    )
