@@ -77,8 +77,23 @@ def main(argv: list[str] | None = None) -> int:
                 folder.mkdir(parents=True, exist_ok=True)
                 path = folder / f"{args.config}-{args.form}.pt2"
                 if not path.exists():
-                    packaged = inline_operators(program) if args.form == "aoti" else program
+                    packaged = program
+                    if args.form == "aoti":  # as escn-export --aoti-standalone builds it
+                        try:
+                            from escn_train.inference.export import _native_grid_library
+
+                            native = _native_grid_library(program, print) is not None
+                            packaged = inline_operators(program, native_grid=native)
+                        except ImportError:  # older commits: no C++ operator
+                            packaged = inline_operators(program)
                     torch._inductor.aoti_compile_and_package(packaged, package_path=str(path))
+                if args.form == "aoti":  # a kept package may call the C++ operator: load it first
+                    try:
+                        from escn_train.models.fast import native_grid
+
+                        native_grid.load()
+                    except ImportError:
+                        pass
                 call = torch._inductor.aoti_load_package(str(path))
     else:
         call = model
