@@ -80,9 +80,9 @@ def main(argv: list[str] | None = None) -> int:
                     packaged = program
                     if args.form == "aoti":  # as escn-export --aoti-standalone builds it
                         try:
-                            from escn_train.inference.export import _native_grid_library
+                            from escn_train.inference.export import native_grid_library
 
-                            native = _native_grid_library(program, print) is not None
+                            native = native_grid_library(program, print) is not None
                             packaged = inline_operators(program, native_grid=native)
                         except ImportError:  # older commits: no C++ operator
                             packaged = inline_operators(program)

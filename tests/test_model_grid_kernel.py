@@ -185,3 +185,41 @@ def test_switch_turns_the_kernel_off_without_a_build(fresh_kernel_state, monkeyp
         assert cpu_kernel.library() is None
     assert cpu_kernel.unsupported_reason() == "ESCN_TRAIN_GRID_KERNEL=0"
     assert not os.path.exists(fresh_kernel_state / "kernels")
+
+
+# ------------------------------------------------------------------ the C++ operator (native_grid)
+@pytest.fixture(scope="module")
+def native_op():
+    from escn_train.models.fast import native_grid
+
+    if cpu_kernel.unsupported_reason() is not None:
+        pytest.skip(f"the C++ grid operator is not used here: {cpu_kernel.unsupported_reason()}")
+    native_grid.load()
+    return torch.ops.escn_native.grid_silu
+
+
+@pytest.mark.parametrize("form", ["no rows", "one group per atom", "groups of atoms"])
+def test_native_operator_equals_the_plain_expressions(native_op, form):
+    """escn_native::grid_silu (standalone packages) against grid_silu_unblocked in float64,
+    with blocks of a few edges so that the block loop and its group boundaries are crossed."""
+    size, groups, rows_per_slot, out_rows = 5, 12, 10, 9
+    y, to_grid, from_grid, _ = _inputs(size * groups, 10, 24, 32, seed=3)
+    gen = torch.Generator().manual_seed(4)
+    rows = None if form == "no rows" else torch.randn(groups, size * rows_per_slot, out_rows, generator=gen)
+    group_atom = torch.tensor([0, 2, 2, 5, 1, 1, 0, 3, 4, 4, 2, 6]) if form == "groups of atoms" else None
+    num_atoms = 7 if group_atom is not None else groups
+    expected = grid.grid_silu_unblocked(
+        y.double(), to_grid.double(), from_grid.double(), None if rows is None else rows.double(), group_atom,
+        num_atoms, size,
+    )
+    floats_per_thread = 2 * size * 24 * 32  # two groups of edges per thread's share
+    got = native_op(y, to_grid, from_grid, rows, group_atom, num_atoms, size, floats_per_thread, 1)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
+def test_native_operator_refuses_what_the_kernel_does_not_take(native_op):
+    y, to_grid, from_grid, _ = _inputs(4, 10, 24, 8)
+    with pytest.raises(RuntimeError, match=r"escn_native::grid_silu takes float32 CPU features \[edges, coefficients, "
+                       r"channels\] with a multiple of 16 channels; got Float on cpu with shape \[4, 10, 8\]"):
+        native_op(y, to_grid, from_grid, None, None, 0, 1, 2**18, 16)

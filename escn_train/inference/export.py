@@ -137,7 +137,7 @@ def save_aoti_package(
     """
     packaged, library = program, None
     if standalone:
-        library = _native_grid_library(program, log)
+        library = native_grid_library(program, log)
         packaged = inline_operators(program, native_grid=library is not None)
     meta = metadata_dict(info, AOTI_PACKAGE, exported_on=device.type, min_atoms=1, min_edges=1,
                          operators=called_operators(packaged))
@@ -152,7 +152,7 @@ def save_aoti_package(
     return path
 
 
-def _native_grid_library(program: torch.export.ExportedProgram, log) -> Path | None:
+def native_grid_library(program: torch.export.ExportedProgram, log) -> Path | None:
     """The C++ S2-grid operator's library for a standalone package of ``program``, built and
     loaded; None (and why, logged) where the package compiles the stage's expressions instead."""
     from escn_train.models.fast import native_grid

@@ -8,7 +8,7 @@ loads it (``dlopen``) before the package, and :func:`load` does it in Python.
 
 It is built on first use with the C++ compiler (``$CXX``, else ``c++``) against this
 torch's headers and libraries (~15 s), into the kernels' cache (:func:`.cpu_kernel.cache_dir`).
-It runs where the kernel runs (:func:`applies`); elsewhere standalone packages compile the
+It runs where the kernel runs (:func:`unsupported_reason`); elsewhere standalone packages compile the
 stage's plain expressions, as before. This module imports nothing of the model, so that
 loading a package loads no model code.
 """
