@@ -30,6 +30,57 @@ def test_workspace_reuses_grows_and_separates_threads():
     assert pickle.loads(pickle.dumps(workspace))._buffers() == {}
 
 
+def test_unshared_buffers_skip_what_a_graph_or_a_caller_still_holds(monkeypatch):
+    workspace, like = Workspace(), torch.zeros(1)
+    weight = torch.ones(4, requires_grad=True)
+    first = workspace.unshared("y", (4,), like).fill_(2.0)
+    first_pointer = first.data_ptr()
+    loss = (weight * first).sum()  # the graph saves ``first`` for weight's gradient
+    del first
+    second = workspace.unshared("y", (4,), like)  # the graph's buffer is busy: another one
+    assert second.data_ptr() != first_pointer
+    second.fill_(5.0)
+    loss.backward()
+    assert torch.equal(weight.grad, torch.full((4,), 2.0))  # the saved values were not overwritten
+    del loss, second
+    again = workspace.unshared("y", (2, 2), like)  # both free: the first one, in any shape
+    assert again.shape == (2, 2) and again.data_ptr() == first_pointer
+    view = again[0]
+    del again
+    assert workspace.unshared("y", (3,), like).data_ptr() != first_pointer  # a view keeps it busy
+    assert len(workspace._pools()["y"]) == 2
+    monkeypatch.setattr("escn_train.models.workspace._POOL_LIMIT", 2)
+    busy = [workspace.unshared("y", (3,), like) for _ in range(2)]
+    extra = workspace.unshared("y", (3,), like)  # beyond the limit: a fresh tensor, not kept
+    assert len(workspace._pools()["y"]) == 2 and extra.untyped_storage().nbytes() == 12
+    assert workspace.nbytes() == sum(b.untyped_storage().nbytes() for b in workspace._pools()["y"])
+    del busy, view
+    workspace.clear()
+    assert workspace.nbytes() == 0
+
+
+def test_training_steps_reuse_the_so2_outputs_and_match_fresh_buffers():
+    """Two training steps through kept SO(2) outputs give the gradients a model without kept
+    buffers gives, bit for bit, and the second step writes into the first step's buffers."""
+    model = build_model("tiny_l2m1")
+    batch = fixture_batch("tiny_l2m1")
+
+    def gradients() -> list[torch.Tensor]:
+        model.zero_grad()
+        out = model(batch)
+        (out["energy"].sum() + out["forces"].square().sum()).backward()
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    first = gradients()
+    pool = [b.data_ptr() for b in model.workspace._pools()["so2_out"]]
+    assert len(pool) == model.num_layers  # one per message block, all saved at once
+    second = gradients()
+    assert [b.data_ptr() for b in model.workspace._pools()["so2_out"]] == pool
+    model.workspace.clear()
+    fresh = gradients()
+    assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(first, second, fresh))
+
+
 def test_inference_reusing_buffers_between_graphs_of_other_sizes_gives_fresh_results():
     """Calls on graphs of different sizes, in turn, through one model's kept buffers give
     bit for bit what a model without kept buffers gives."""

@@ -21,6 +21,19 @@ import torch
 #: Extra capacity when a buffer grows, so that graphs of slowly varying size (molecular
 #: dynamics) do not reallocate on every call.
 _GROWTH = 1.25
+#: Buffers per pool of :meth:`Workspace.unshared` (one per message block is the most a
+#: training step holds at once).
+_POOL_LIMIT = 64
+
+
+def _storage_users(tensor: torch.Tensor) -> int:
+    """References to ``tensor``'s storage: its own, the temporary storage object's, and one
+    per other tensor (view, autograd saved tensor) that shares it."""
+    return torch._C._storage_Use_Count(tensor.untyped_storage()._cdata)
+
+
+#: :func:`_storage_users` of a tensor that shares its storage with no other.
+_UNSHARED = _storage_users(torch.empty(1))
 
 
 class Workspace:
@@ -48,13 +61,40 @@ class Workspace:
             buffers[name] = buffer
         return buffer[:numel].view(shape)
 
+    def unshared(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """An uninitialised tensor of ``shape`` backed by a buffer of the pool ``name`` that no
+        other tensor shares (an autograd graph, a view, a caller's reference): values that a
+        graph saves for backward can live there, and the next step writes into pages
+        already touched. Busy buffers are skipped; when all are, the pool grows by one, up
+        to :data:`_POOL_LIMIT` (beyond that, a fresh tensor)."""
+        numel = math.prod(shape)
+        pool = self._pools().setdefault(name, [])
+        for i, buffer in enumerate(pool):
+            if _storage_users(buffer) > _UNSHARED:
+                continue
+            if buffer.numel() < numel or buffer.dtype != like.dtype or buffer.device != like.device:
+                pool[i] = buffer = like.new_empty(max(1, int(numel * _GROWTH)))
+            return buffer[:numel].view(shape)
+        if len(pool) >= _POOL_LIMIT:
+            return like.new_empty(shape)
+        pool.append(like.new_empty(max(1, int(numel * _GROWTH))))
+        return pool[-1][:numel].view(shape)
+
+    def _pools(self) -> dict[str, list[torch.Tensor]]:
+        pools = getattr(self._local, "pools", None)
+        if pools is None:
+            pools = self._local.pools = {}
+        return pools
+
     def clear(self) -> None:
         """Release this thread's buffers."""
         self._local.buffers = {}
+        self._local.pools = {}
 
     def nbytes(self) -> int:
         """Bytes this thread's buffers hold."""
-        return sum(b.numel() * b.element_size() for b in self._buffers().values())
+        kept = [*self._buffers().values(), *(b for pool in self._pools().values() for b in pool)]
+        return sum(b.numel() * b.element_size() for b in kept)
 
     def __getstate__(self) -> dict:
         return {}  # buffers are caches: copies and pickles start empty

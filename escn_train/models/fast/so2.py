@@ -301,12 +301,13 @@ def so2_stage(
 def _forward(
     geometry: MessageGeometry, terms: list[Term], offsets: list[list[int]], rows: Sequence[torch.Tensor],
     x_edge: torch.Tensor, gate_weight: torch.Tensor, gate_bias: torch.Tensor, projections: Sequence[torch.Tensor],
-    second_weights: Sequence[torch.Tensor], channels: int, in_place: bool, reuse_output: bool = False,
+    second_weights: Sequence[torch.Tensor], channels: int, in_place: bool, output: str = "fresh",
 ) -> torch.Tensor:
     """:func:`so2_stage` with the first-layer outputs as grouped products of the per-atom
     projections (``rows[t]``: term t's padded Wigner rows). ``in_place`` (nothing records
-    autograd): the intermediates are workspace buffers, and with ``reuse_output`` the
-    output too (it is then valid until the next layer's)."""
+    autograd): the intermediates are workspace buffers. ``output``: where the output lives
+    with ``in_place``: "fresh" memory, a "scratch" buffer (valid until the next layer's), or
+    an "unshared" one (:meth:`.Workspace.unshared`: the autograd graph may keep it)."""
 
     def hidden(t: int) -> torch.Tensor:
         # Rotations stay in float32 under autocast (as everywhere in the model).
@@ -316,8 +317,11 @@ def _forward(
     out = gate_buffer = None
     if in_place:
         gate_buffer = lambda width: geometry.scratch("gate", (x_edge.shape[0], width), x_edge)  # noqa: E731
-        if reuse_output:
-            out = geometry.scratch("so2_out", (x_edge.shape[0], offsets[-1][0], channels), x_edge)
+        shape = (x_edge.shape[0], offsets[-1][0], channels)
+        if output == "scratch":
+            out = geometry.scratch("so2_out", shape, x_edge)
+        elif output == "unshared":
+            out = geometry.workspace.unshared("so2_out", shape, x_edge)
     return so2_stage(
         terms, offsets, channels, x_edge, gate_weight, gate_bias, hidden, second_weights, in_place, out, gate_buffer
     )
@@ -391,8 +395,10 @@ class _GroupedSO2(torch.autograd.Function):
     def forward(geometry, terms, offsets, channels, x_edge, gate_weight, gate_bias, *tensors):  # type: ignore[override]
         half = len(tensors) // 2
         rows = _terms_rows(geometry, terms)
+        # The grid stage saves the output for backward: an unshared buffer, whose pages the
+        # next step reuses (fresh ones fault on first touch: ~4500 per L3 M1 step).
         return _forward(geometry, terms, offsets, rows, x_edge, gate_weight, gate_bias, tensors[:half],
-                        tensors[half:], channels, in_place=True)
+                        tensors[half:], channels, in_place=True, output="unshared")
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: Any) -> None:
@@ -586,4 +592,4 @@ def grouped_so2(
     in_place = not (grad or autocast)
     rows = _terms_rows(geometry, terms)
     return _forward(geometry, terms, offsets, rows, x_edge, gate_weight, gate_bias, projections, second_weights,
-                    channels, in_place, reuse_output=not grad)
+                    channels, in_place, output="fresh" if grad else "scratch")
