@@ -223,3 +223,21 @@ def test_native_operator_refuses_what_the_kernel_does_not_take(native_op):
     with pytest.raises(RuntimeError, match=r"escn_native::grid_silu takes float32 CPU features \[edges, coefficients, "
                        r"channels\] with a multiple of 16 channels; got Float on cpu with shape \[4, 10, 8\]"):
         native_op(y, to_grid, from_grid, None, None, 0, 1, 2**18, 16)
+
+
+def test_native_operator_cuts_the_blocks_the_python_operator_cuts(native_op):
+    """The two implementations of the stage agree on the block size (grid.py's formula is
+    repeated in grid_native.cpp), for every thread count up to past the cap."""
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2, 3, 16, 17):
+            torch.set_num_threads(count)
+            for points, channels, size in ((18, 32, 50), (24, 64, 50), (128, 128, 50), (7, 16, 1), (4000, 512, 3)):
+                y, to_grid = torch.empty(0, 1, channels), torch.empty(points, 1)
+                expected = grid._block_edges(to_grid, y, size)
+                assert torch.ops.escn_native.block_edges(
+                    points, channels, size, torch.get_num_threads(), grid.GRID_BLOCK_FLOATS_PER_THREAD,
+                    grid.GRID_BLOCK_MAX_THREADS,
+                ) == expected
+    finally:
+        torch.set_num_threads(threads)

@@ -368,10 +368,10 @@ class AOTIPredictor(Predictor):
             )
         super().__init__(info_from_metadata(meta[METADATA_KEY], path, AOTI_PACKAGE), device)
         recorded = json.loads(meta[METADATA_KEY]).get("operators")
-        if recorded and set(recorded) == {"escn_native::grid_silu"}:  # standalone, with the C++ S2-grid operator
-            from escn_train.models.fast.native_grid import check_recorded
+        from escn_train.models.fast import native_grid  # light: no model code
 
-            check_recorded(recorded, path)
+        if recorded and set(recorded) == {native_grid.OPERATOR}:  # standalone, with the C++ S2-grid operator
+            native_grid.check_recorded(recorded, path)
         elif recorded:  # not a standalone package: register the operators it calls, and check their signatures
             from escn_train.models.fast.operators import check_recorded_operators
 

@@ -136,10 +136,22 @@ def reset() -> None:
         _library, _tried = None, False
 
 
+def features_unsupported_reason(features: torch.Tensor) -> str | None:
+    """Why the kernel cannot take features like ``features`` [edges, coefficients, channels]
+    (a fake tensor will do), whatever the machine; None when it can."""
+    if features.device.type != "cpu":
+        return f"the kernel is for CPUs, the features are on {features.device.type}"
+    if features.dtype != torch.float32:
+        return f"the kernel takes float32 features, not {features.dtype}"
+    if features.dim() != 3 or features.shape[-1] % SLICE:
+        return f"{features.shape[-1]} channels are not a multiple of {SLICE}"
+    return None
+
+
 def applies(*tensors: torch.Tensor) -> bool:
-    """Whether the kernel can take these tensors: float32, CPU, contiguous; the first is [E, K, C] with C % 16 == 0."""
-    first = tensors[0]
-    if first.dim() != 3 or first.shape[2] % SLICE:
+    """Whether the kernel can take these tensors: the first is features it takes
+    (:func:`features_unsupported_reason`), all are float32 CPU and contiguous, and it is built."""
+    if features_unsupported_reason(tensors[0]) is not None:
         return False
     if not all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors):
         return False

@@ -93,7 +93,8 @@ def _block_floats() -> int:
 
 def _block_edges(to_grid: torch.Tensor, y: torch.Tensor, size: int) -> int:
     """Edges per block for grid values of ``to_grid.shape[0]`` points x ``y.shape[2]``
-    channels, in whole groups of ``size`` slots."""
+    channels, in whole groups of ``size`` slots. ``grid_native.cpp`` computes the same
+    (``escn_native::block_edges``; a test holds the two equal)."""
     step = max(1, _block_floats() // max(1, to_grid.shape[0] * y.shape[2]))
     return max(1, step // size) * size
 

@@ -31,6 +31,16 @@ void grid_values(const at::Tensor &y, const at::Tensor &to_grid, const at::Tenso
                 to_grid.size(0), " points)");
 }
 
+/* Edges per block, as grid.py's block_edges: floats_per_thread grid values per thread (at
+ * most max_threads threads' shares), for `points` x `channels` values per edge, in whole
+ * groups of `size` slots. An operator of its own, so that a test holds the two equal. */
+int64_t block_edges(int64_t points, int64_t channels, int64_t size, int64_t threads, int64_t floats_per_thread,
+                    int64_t max_threads) {
+    const int64_t floats = floats_per_thread * std::min(threads, max_threads);
+    const int64_t step = std::max<int64_t>(1, floats / std::max<int64_t>(1, points * channels));
+    return std::max<int64_t>(1, step / size) * size;
+}
+
 /* grid.py's _grid_silu: the stage block by block, with blocks of floats_per_thread grid
  * values per thread (at most max_threads threads' shares), in whole groups of `size` slots;
  * with rows, each block's values are rotated back and summed per target atom. */
@@ -52,9 +62,8 @@ at::Tensor grid_silu(const at::Tensor &y_in, const at::Tensor &to_grid_in, const
     } else {
         out = at::zeros({num_atoms, rows->size(2), channels}, y.options());
     }
-    const int64_t threads = std::min<int64_t>(at::get_num_threads(), max_threads);
-    int64_t step = std::max<int64_t>(1, floats_per_thread * threads / std::max<int64_t>(1, to_grid.size(0) * channels));
-    step = std::max<int64_t>(1, step / size) * size;
+    const int64_t step =
+        block_edges(to_grid.size(0), channels, size, at::get_num_threads(), floats_per_thread, max_threads);
     for (int64_t start = 0; start < edges; start += step) {
         const int64_t count = std::min(step, edges - start);
         const at::Tensor block = y.narrow(0, start, count);
@@ -83,6 +92,8 @@ at::Tensor grid_silu(const at::Tensor &y_in, const at::Tensor &to_grid_in, const
 TORCH_LIBRARY(escn_native, m) {
     m.def("grid_silu(Tensor y, Tensor to_grid, Tensor from_grid, Tensor? rows, Tensor? group_atom, SymInt num_atoms, "
           "SymInt size, int floats_per_thread, int max_threads) -> Tensor");
+    m.def("block_edges(int points, int channels, int size, int threads, int floats_per_thread, int max_threads) -> int",
+          &block_edges);
 }
 
 TORCH_LIBRARY_IMPL(escn_native, CPU, m) { m.impl("grid_silu", &grid_silu); }

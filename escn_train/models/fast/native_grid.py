@@ -34,14 +34,8 @@ _loaded: Path | None = None
 
 def unsupported_reason(features: torch.Tensor) -> str | None:
     """Why features like ``features`` [edges, coefficients, channels] (a fake tensor will do)
-    cannot go through the operator, or None."""
-    if features.device.type != "cpu":
-        return f"the operator is for CPUs, the package is for {features.device.type}"
-    if features.dtype != torch.float32:
-        return f"the operator takes float32 features, not {features.dtype}"
-    if features.shape[-1] % cpu_kernel.SLICE:
-        return f"{features.shape[-1]} channels are not a multiple of {cpu_kernel.SLICE}"
-    return cpu_kernel.unsupported_reason()
+    cannot go through the operator, or None: where the kernel it calls does not apply."""
+    return cpu_kernel.features_unsupported_reason(features) or cpu_kernel.unsupported_reason()
 
 
 def _flags() -> tuple[list[str], list[str]]:
