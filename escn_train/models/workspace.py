@@ -1,4 +1,4 @@
-"""Buffers that inference keeps from one forward pass to the next.
+"""Buffers that forward passes keep from one call to the next.
 
 Without autograd, the message blocks' large edge-sized intermediates (tens of MB) are
 needed only until the next layer. Allocated fresh, each costs a page fault per 4 KB page
@@ -8,6 +8,11 @@ and otherwise reused, one set per thread (so that threads sharing a model do not
 buffers). A model's buffers go with the model; the fast stages' operators, which compiled
 models, exported programs and AOTInductor packages call, keep theirs in one workspace of
 their own: :func:`release_buffers` releases those too.
+
+Values that an autograd graph saves for backward (training) cannot live in a buffer that
+the next layer overwrites. :meth:`Workspace.unshared` keeps pools of buffers for them, and
+hands out only a buffer whose storage no other tensor shares any more. Inductor's CUDA-graph
+trees use the same storage reference count to decide that a buffer is free.
 """
 
 from __future__ import annotations
