@@ -41,6 +41,16 @@ def _storage_users(tensor: torch.Tensor) -> int:
 _UNSHARED = _storage_users(torch.empty(1))
 
 
+def _fits(buffer: torch.Tensor, numel: int, like: torch.Tensor) -> bool:
+    """Whether ``buffer`` can back ``numel`` values of ``like``'s dtype and device."""
+    return buffer.numel() >= numel and buffer.dtype == like.dtype and buffer.device == like.device
+
+
+def _new_buffer(numel: int, like: torch.Tensor) -> torch.Tensor:
+    """A flat buffer for ``numel`` values of ``like``'s dtype and device, with headroom."""
+    return like.new_empty(max(1, int(numel * _GROWTH)))
+
+
 class Workspace:
     """Named buffers reused across calls, per thread; :meth:`clear` releases them."""
 
@@ -60,10 +70,9 @@ class Workspace:
         numel = math.prod(shape)
         buffers = self._buffers()
         buffer = buffers.get(name)
-        if buffer is None or buffer.numel() < numel or buffer.dtype != like.dtype or buffer.device != like.device:
+        if buffer is None or not _fits(buffer, numel, like):
             buffers.pop(name, None)  # release the old one before allocating its successor
-            buffer = like.new_empty(max(1, int(numel * _GROWTH)))
-            buffers[name] = buffer
+            buffer = buffers[name] = _new_buffer(numel, like)
         return buffer[:numel].view(shape)
 
     def unshared(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
@@ -77,12 +86,14 @@ class Workspace:
         for i, buffer in enumerate(pool):
             if _storage_users(buffer) > _UNSHARED:
                 continue
-            if buffer.numel() < numel or buffer.dtype != like.dtype or buffer.device != like.device:
-                pool[i] = buffer = like.new_empty(max(1, int(numel * _GROWTH)))
-            return buffer[:numel].view(shape)
+            if not _fits(buffer, numel, like):
+                del buffer
+                pool[i] = None  # release the old one before allocating its successor
+                pool[i] = _new_buffer(numel, like)
+            return pool[i][:numel].view(shape)
         if len(pool) >= _POOL_LIMIT:
             return like.new_empty(shape)
-        pool.append(like.new_empty(max(1, int(numel * _GROWTH))))
+        pool.append(_new_buffer(numel, like))
         return pool[-1][:numel].view(shape)
 
     def _pools(self) -> dict[str, list[torch.Tensor]]:

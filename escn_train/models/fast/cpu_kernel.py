@@ -143,7 +143,9 @@ def features_unsupported_reason(features: torch.Tensor) -> str | None:
         return f"the kernel is for CPUs, the features are on {features.device.type}"
     if features.dtype != torch.float32:
         return f"the kernel takes float32 features, not {features.dtype}"
-    if features.dim() != 3 or features.shape[-1] % SLICE:
+    if features.dim() != 3:
+        return f"the kernel takes features [edges, coefficients, channels], not {features.dim()} dimensions"
+    if features.shape[-1] % SLICE:
         return f"{features.shape[-1]} channels are not a multiple of {SLICE}"
     return None
 

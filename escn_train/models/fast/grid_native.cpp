@@ -31,7 +31,7 @@ void grid_values(const at::Tensor &y, const at::Tensor &to_grid, const at::Tenso
                 to_grid.size(0), " points)");
 }
 
-/* Edges per block, as grid.py's block_edges: floats_per_thread grid values per thread (at
+/* Edges per block, as grid.py's _block_edges: floats_per_thread grid values per thread (at
  * most max_threads threads' shares), for `points` x `channels` values per edge, in whole
  * groups of `size` slots. An operator of its own, so that a test holds the two equal. */
 int64_t block_edges(int64_t points, int64_t channels, int64_t size, int64_t threads, int64_t floats_per_thread,
